@@ -1,0 +1,590 @@
+"""Bidirectional Helmholtz Machines (Bornschein, Shabanian, Fischer, Bengio, ICML 2016).
+
+One module: the two sigmoid belief nets p and q, their samplers and log-probabilities,
+the training objectives (BiHM and the RWS baseline), the likelihood estimators, and
+block Gibbs sampling from p*. Symbols follow `bihm-math.md`:
+
+    layers   h_0 = x, h_1, ..., h_L                                  (binary)
+    p        p(h_L) = Bern(sigmoid(b)),  p(h_l | h_{l+1}) = Bern(sigmoid(W^p_l h_{l+1} + c^p_l))
+    q        q(h_{l+1} | h_l) = Bern(sigmoid(W^q_l h_l + c^q_l))
+    p*       p*(x, h) = sqrt(p(x, h) q(x) q(h | x)) / Z,  with q(x) = p*(x)       (paper Eq. 1-3)
+             p*(x) = p~*(x) / Z^2,   p~*(x) = (sum_h sqrt(p(x, h) q(h | x)))^2       (Eq. 4-5)
+    d_k      log p(x, h_k) - log q(h_k | x),   h_k ~ q(h | x), k = 1..K
+    w~       softmax_k(d_k / 2)   (BiHM)       softmax_k(d_k)   (RWS)
+
+Every hidden layer is sampled, hence observed, so each conditional's gradient is local:
+no gradient ever flows through a sample or through the importance weights.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# The authors clip sigmoid outputs to [1e-6, 1 - 1e-6]; clamping the logits is the same
+# thing in log space and keeps log-probabilities finite.
+LOGIT_CLAMP = math.log((1.0 - 1e-6) / 1e-6)
+
+CHECKPOINT_FORMAT = "bihm.BiHM"
+CHECKPOINT_VERSION = 1
+
+# (x, h) pairs evaluated at once by the chunked estimators: bounds memory at any K and N.
+DEFAULT_CHUNK = 32_768
+
+
+def log_bernoulli(h: Tensor, logits: Tensor) -> Tensor:
+    """sum_i log Bern(h_i; sigmoid(a_i)) = sum_i [h_i a_i - softplus(a_i)], a clamped."""
+    a = logits.clamp(-LOGIT_CLAMP, LOGIT_CLAMP)
+    return (h * a - F.softplus(a)).sum(-1)
+
+
+def sample_bernoulli(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """h ~ Bern(sigmoid(a)), as float 0/1, with the same clamp as `log_bernoulli`."""
+    probs = torch.sigmoid(logits.detach().clamp(-LOGIT_CLAMP, LOGIT_CLAMP))
+    u = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype)
+    return (u < probs).to(probs.dtype)
+
+
+def log_mean_exp(log_w: Tensor, dim: int = -1) -> Tensor:
+    """log (1/K) sum_k exp(log_w_k), stable."""
+    return torch.logsumexp(log_w, dim) - math.log(log_w.shape[dim])
+
+
+def ess_from_log_weights(log_w: Tensor, dim: int = -1) -> Tensor:
+    """Effective sample size (sum_k w_k)^2 / sum_k w_k^2, in [1, K]."""
+    return torch.exp(2 * torch.logsumexp(log_w, dim) - torch.logsumexp(2 * log_w, dim))
+
+
+def log_mean_and_sem(lse_w: float, lse_w2: float, n: int) -> tuple[float, float]:
+    """From log sum_n w_n, log sum_n w_n^2 and n: log mean(w) and its standard error.
+
+    The standard error of log mean(w) by the delta method is
+    sqrt(Var(w) / n) / mean(w) = sqrt((n sum w^2 / (sum w)^2 - 1) / (n - 1)).
+    Only sums enter, so partial sums from several processes combine exactly by
+    log-sum-exp before calling this.
+    """
+    log_mean = lse_w - math.log(n)
+    if n < 2:
+        return log_mean, float("inf")
+    rel = math.exp(math.log(n) + lse_w2 - 2 * lse_w)
+    return log_mean, math.sqrt(max(rel - 1.0, 0.0) / (n - 1))
+
+
+@dataclass
+class LossOutput:
+    """The surrogate to minimise and detached per-batch diagnostics (batch means)."""
+
+    loss: Tensor
+    log_p: Tensor  # log p(x) estimate with the K training samples
+    log_ptilde_star: Tensor  # log p~*(x) estimate with the K training samples
+    ess: Tensor  # effective sample size of the objective's own weights, in [1, K]
+
+
+@dataclass
+class ESS:
+    """Per-example effective sample sizes, in [1, K]; divide by K for the fraction."""
+
+    pstar: Tensor  # weights w = sqrt(p(x, h) / q(h | x))
+    p: Tensor  # weights w = p(x, h) / q(h | x)
+
+
+class BiHM(nn.Module):
+    """A Bidirectional Helmholtz Machine with layer sizes [n_0 = |x|, n_1, ..., n_L].
+
+    p is a top-down sigmoid belief net with a learned top prior bias b; q is bottom-up.
+    ``p_nets[l]`` maps h_{l+1} -> logits of h_l; ``q_nets[l]`` maps h_l -> logits of h_{l+1}.
+    """
+
+    def __init__(self, layer_sizes: Sequence[int]) -> None:
+        super().__init__()
+        sizes = [int(n) for n in layer_sizes]
+        if len(sizes) < 2:
+            raise ValueError(
+                f"layer_sizes must list the visible layer and at least one latent layer, "
+                f"got {list(layer_sizes)!r}"
+            )
+        if any(n < 1 for n in sizes):
+            raise ValueError(f"layer_sizes must be positive integers, got {sizes!r}")
+        self.layer_sizes: list[int] = sizes
+        self.prior_logits = nn.Parameter(torch.empty(sizes[-1]))  # b: p(h_L)
+        self.p_nets = nn.ModuleList(nn.Linear(sizes[l + 1], sizes[l]) for l in range(self.n_latent))
+        self.q_nets = nn.ModuleList(nn.Linear(sizes[l], sizes[l + 1]) for l in range(self.n_latent))
+        self.reset_parameters()
+
+    @property
+    def n_latent(self) -> int:
+        """L, the number of latent layers."""
+        return len(self.layer_sizes) - 1
+
+    def reset_parameters(self) -> None:
+        """The authors' init: W ~ U(+-sqrt(6) / sqrt(n_in + n_out) / n_in), all biases -1.
+
+        This is Glorot scaled down by the fan-in, far smaller than plain Glorot; with
+        biases -1 every unit starts mostly off (one of the port's differences, #2).
+        """
+        nn.init.constant_(self.prior_logits, -1.0)
+        for net in [*self.p_nets, *self.q_nets]:
+            n_out, n_in = net.weight.shape
+            bound = math.sqrt(6.0) / math.sqrt(n_in + n_out) / n_in
+            nn.init.uniform_(net.weight, -bound, bound)
+            nn.init.constant_(net.bias, -1.0)
+
+    # ------------------------------------------------------------------ checks
+    def _check_x(self, x: Tensor, name: str = "x") -> None:
+        if x.shape[-1] != self.layer_sizes[0]:
+            raise ValueError(
+                f"{name} must have last dimension {self.layer_sizes[0]} (the visible layer), "
+                f"got shape {tuple(x.shape)}"
+            )
+        if not bool(((x == 0) | (x == 1)).all()):
+            raise ValueError(f"{name} must be binary (every value 0 or 1)")
+
+    @staticmethod
+    def _check_positive(value: int, name: str) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+    def _check_hs(self, hs: Sequence[Tensor]) -> None:
+        if len(hs) != len(self.layer_sizes):
+            raise ValueError(f"hs must hold {len(self.layer_sizes)} layers, got {len(hs)}")
+        for l, (h, n) in enumerate(zip(hs, self.layer_sizes, strict=True)):
+            if h.shape[-1] != n:
+                raise ValueError(f"hs[{l}] must have last dimension {n}, got {tuple(h.shape)}")
+
+    @property
+    def _device(self) -> torch.device:
+        return self.prior_logits.device
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.prior_logits.dtype
+
+    # ------------------------------------------------------------------ sampling
+    def _sample_q_and_log_q(
+        self, x: Tensor, K: int, generator: torch.Generator | None = None
+    ) -> tuple[list[Tensor], Tensor]:
+        """h_k ~ q(h | x), bottom-up, and log q(h_k | x), reusing the sampling logits."""
+        h = x.unsqueeze(-2).expand(*x.shape[:-1], K, x.shape[-1]).to(self._dtype)
+        hs, log_q = [h], torch.zeros(h.shape[:-1], device=h.device, dtype=h.dtype)
+        for net in self.q_nets:
+            logits = net(h)
+            h = sample_bernoulli(logits, generator)
+            log_q = log_q + log_bernoulli(h, logits)
+            hs.append(h)
+        return hs, log_q
+
+    def sample_q(self, x: Tensor, K: int, generator: torch.Generator | None = None) -> list[Tensor]:
+        """[h_0 = x, h_1, ..., h_L] with h ~ q(h | x); x (*, n_0) -> each (*, K, n_l)."""
+        self._check_positive(K, "K")
+        self._check_x(x)
+        with torch.no_grad():
+            return self._sample_q_and_log_q(x, K, generator)[0]
+
+    def _sample_p(
+        self, n: int, generator: torch.Generator | None = None
+    ) -> tuple[list[Tensor], Tensor]:
+        """(x, h) ~ p(x, h), top-down, and log p(x, h), reusing the sampling logits."""
+        logits = self.prior_logits.expand(n, -1)
+        h = sample_bernoulli(logits, generator)
+        hs, log_p = [h], log_bernoulli(h, logits)
+        for net in reversed(self.p_nets):
+            logits = net(h)
+            h = sample_bernoulli(logits, generator)
+            log_p = log_p + log_bernoulli(h, logits)
+            hs.append(h)
+        return hs[::-1], log_p
+
+    def sample_p(self, n: int, generator: torch.Generator | None = None) -> list[Tensor]:
+        """[x, h_1, ..., h_L] ~ p(x, h) by ancestral sampling, each of shape (n, n_l)."""
+        self._check_positive(n, "n")
+        with torch.no_grad():
+            return self._sample_p(n, generator)[0]
+
+    # ------------------------------------------------------------------ log-probabilities
+    def log_p(self, hs: Sequence[Tensor]) -> Tensor:
+        """log p(x, h) = log p(h_L) + sum_{l=0}^{L-1} log p(h_l | h_{l+1})."""
+        self._check_hs(hs)
+        log_p = log_bernoulli(hs[-1], self.prior_logits)
+        for l, net in enumerate(self.p_nets):
+            log_p = log_p + log_bernoulli(hs[l], net(hs[l + 1]))
+        return log_p
+
+    def log_q(self, hs: Sequence[Tensor]) -> Tensor:
+        """log q(h | x) = sum_{l=0}^{L-1} log q(h_{l+1} | h_l); q(x) is not modelled."""
+        self._check_hs(hs)
+        log_q = torch.zeros(hs[0].shape[:-1], device=hs[0].device, dtype=hs[0].dtype)
+        for l, net in enumerate(self.q_nets):
+            log_q = log_q + log_bernoulli(hs[l + 1], net(hs[l]))
+        return log_q
+
+    def _log_weights(self, x: Tensor, K: int, generator: torch.Generator | None = None) -> Tensor:
+        """d_k = log p(x, h_k) - log q(h_k | x) for h_k ~ q(h | x); shape (*, K)."""
+        hs, log_q = self._sample_q_and_log_q(x, K, generator)
+        return self.log_p(hs) - log_q
+
+    # ------------------------------------------------------------------ training objective
+    def loss(
+        self,
+        x: Tensor,
+        K: int = 10,
+        objective: str = "bihm",
+        generator: torch.Generator | None = None,
+    ) -> LossOutput:
+        """Surrogate whose gradient is the paper's Algorithm 1 (or RWS), batch-averaged.
+
+        With h_k ~ q(h | x) and log w_k = d_k / 2 (BiHM) or d_k (RWS), w~ = softmax_k(log w):
+
+            BiHM:  p ascends sum_k w~_k grad log p(x, h_k),
+                   q ascends sum_k (w~_k - 1/K) grad log q(h_k | x)
+            RWS:   p ascends sum_k w~_k grad log p(x, h_k),
+                   q ascends sum_k w~_k grad log q(h_k | x)    (wake-phase q update)
+
+        For BiHM both are consistent estimators of grad log p~*(x): the -1/K is a
+        zero-mean control variate (E_q grad log q = 0) that cuts the variance of q's
+        gradient (port difference #4). w~ and the samples carry no gradient.
+        """
+        self._check_positive(K, "K")
+        self._check_x(x)
+        if objective not in ("bihm", "rws"):
+            raise ValueError(f"objective must be 'bihm' or 'rws', got {objective!r}")
+        hs, log_q = self._sample_q_and_log_q(x, K, generator)
+        log_p = self.log_p(hs)
+        d = (log_p - log_q).detach()
+        log_w = d / 2 if objective == "bihm" else d
+        w_tilde = torch.softmax(log_w, dim=-1)
+        q_coef = w_tilde - 1.0 / K if objective == "bihm" else w_tilde
+        surrogate = (w_tilde * log_p).sum(-1) + (q_coef * log_q).sum(-1)
+        return LossOutput(
+            loss=-surrogate.mean(),
+            log_p=log_mean_exp(d).mean(),
+            log_ptilde_star=(2 * log_mean_exp(d / 2)).mean(),
+            ess=ess_from_log_weights(log_w).mean(),
+        )
+
+    # ------------------------------------------------------------------ estimators
+    @torch.no_grad()
+    def _chunked_log_weights(
+        self, x: Tensor, K: int, chunk: int, generator: torch.Generator | None
+    ):
+        """Yield (x rows, d of shape (rows, k)) covering all (example, k) pairs in chunks."""
+        x = x.reshape(-1, x.shape[-1])
+        k_chunk = max(1, min(K, chunk))
+        rows = max(1, chunk // k_chunk)
+        for start in range(0, x.shape[0], rows):
+            xb = x[start : start + rows]
+            for k0 in range(0, K, k_chunk):
+                yield start, self._log_weights(xb, min(k_chunk, K - k0), generator)
+
+    @torch.no_grad()
+    def log_likelihood(
+        self,
+        x: Tensor,
+        K: int,
+        chunk: int = DEFAULT_CHUNK,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Per-example importance-sampling estimates with K samples h_k ~ q(h | x):
+
+            log p(x)   ~ logsumexp_k(d_k) - log K
+            log p~*(x) ~ 2 (logsumexp_k(d_k / 2) - log K)
+
+        Both are stochastic lower bounds that tighten as K grows. Computed in chunks of
+        at most `chunk` (x, h) pairs, so K = 10,000 on 10,000 images fits in memory.
+        Returns (log_p, log_ptilde_star), each of x's leading shape.
+        """
+        self._check_positive(K, "K")
+        self._check_positive(chunk, "chunk")
+        self._check_x(x)
+        lead = x.shape[:-1]
+        n = math.prod(lead)
+        lse_d = torch.full((n,), -math.inf, device=self._device, dtype=self._dtype)
+        lse_half = lse_d.clone()
+        for start, d in self._chunked_log_weights(x, K, chunk, generator):
+            rows = slice(start, start + d.shape[0])
+            lse_d[rows] = torch.logaddexp(lse_d[rows], torch.logsumexp(d, -1))
+            lse_half[rows] = torch.logaddexp(lse_half[rows], torch.logsumexp(d / 2, -1))
+        log_p = lse_d - math.log(K)
+        log_ptilde_star = 2 * (lse_half - math.log(K))
+        return log_p.reshape(lead), log_ptilde_star.reshape(lead)
+
+    @torch.no_grad()
+    def log_z2_terms(
+        self, n: int, inner: int = 10, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """The n outer terms of the paper's Eq. 7 estimator of Z^2, in log space:
+
+            (x, h) ~ p(x, h),  h'_m ~ q(h | x), m = 1..M (M = inner)
+            term = sqrt(q(h | x) / p(x, h)) * (1/M) sum_m sqrt(p(x, h'_m) / q(h'_m | x))
+
+        E[term] = Z^2 exactly, since E_{h'~q} sqrt(p/q) = sqrt(p~*(x)). Returns log term, (n,).
+        """
+        self._check_positive(n, "n")
+        self._check_positive(inner, "inner")
+        hs, log_p = self._sample_p(n, generator)
+        log_q = self.log_q(hs)
+        d_inner = self._log_weights(hs[0], inner, generator)  # (n, M)
+        return 0.5 * (log_q - log_p) + log_mean_exp(d_inner / 2)
+
+    @torch.no_grad()
+    def estimate_log_z2(
+        self,
+        n: int,
+        inner: int = 10,
+        chunk: int = DEFAULT_CHUNK,
+        generator: torch.Generator | None = None,
+    ) -> tuple[float, float]:
+        """2 log Z ~ logsumexp_n(term_n) - log N (Eq. 7), and its delta-method standard error.
+
+        Biased low for small N (Jensen): report N with it. The authors used N = 10^6,
+        M = 10. Chunked over N, so memory stays bounded.
+        """
+        self._check_positive(n, "n")
+        self._check_positive(chunk, "chunk")
+        outer_chunk = max(1, chunk // (inner + 1))
+        lse_w = lse_w2 = -math.inf
+        for start in range(0, n, outer_chunk):
+            terms = self.log_z2_terms(min(outer_chunk, n - start), inner, generator).double()
+            lse_w = float(torch.logaddexp(torch.tensor(lse_w), torch.logsumexp(terms, 0)))
+            lse_w2 = float(torch.logaddexp(torch.tensor(lse_w2), torch.logsumexp(2 * terms, 0)))
+        return log_mean_and_sem(lse_w, lse_w2, n)
+
+    @torch.no_grad()
+    def ess(self, x: Tensor, K: int, generator: torch.Generator | None = None) -> ESS:
+        """Effective sample sizes (sum w)^2 / sum w^2 of K samples h_k ~ q(h | x), per example,
+        for the p* weights w = sqrt(p/q) and the p weights w = p/q. A BiHM's q matches
+        p*'s posterior far better than p's, so ESS_pstar >> ESS_p (paper, Sec. 4)."""
+        self._check_positive(K, "K")
+        self._check_x(x)
+        d = self._log_weights(x, K, generator)
+        return ESS(pstar=ess_from_log_weights(d / 2), p=ess_from_log_weights(d))
+
+    # ------------------------------------------------------------------ sampling from p*
+    def _log_p_layer(self, hs: Sequence[Tensor], l: int) -> Tensor:
+        """log p(h_l | h_{l+1}), or log p(h_L) for l = L."""
+        if l == self.n_latent:
+            return log_bernoulli(hs[l], self.prior_logits)
+        return log_bernoulli(hs[l], self.p_nets[l](hs[l + 1]))
+
+    def _log_q_layer(self, hs: Sequence[Tensor], l: int) -> Tensor:
+        """log q(h_l | h_{l-1}) for l >= 1."""
+        return log_bernoulli(hs[l], self.q_nets[l - 1](hs[l - 1]))
+
+    def _gibbs_update_latent(
+        self, hs: list[Tensor], l: int, S: int, generator: torch.Generator | None
+    ) -> Tensor:
+        """New h_l given its neighbours, by importance resampling over 2S + 1 candidates.
+
+        Target t(h_l) = sqrt(p(h_l | h_{l+1}) p(h_{l-1} | h_l) q(h_l | h_{l-1}) q(h_{l+1} | h_l))
+        (the top layer has p(h_L) and no h_{L+1} terms). Candidates: S draws from
+        p(h_l | h_{l+1}), S from q(h_l | h_{l-1}), and the current h_l; weight
+        t(h) / (p(h | .) + q(h | .)). Keeping the current state among the candidates
+        (iterated SIR) makes the kernel leave p* invariant for any S.
+        """
+        C, top = hs[0].shape[0], l == self.n_latent
+        p_logits = self.prior_logits.expand(C, -1) if top else self.p_nets[l](hs[l + 1])
+        q_logits = self.q_nets[l - 1](hs[l - 1])
+        proposals = torch.cat(
+            [
+                sample_bernoulli(p_logits.unsqueeze(1).expand(C, S, -1), generator),
+                sample_bernoulli(q_logits.unsqueeze(1).expand(C, S, -1), generator),
+                hs[l].unsqueeze(1),
+            ],
+            dim=1,
+        )  # (C, 2S + 1, n_l)
+        log_p_l = log_bernoulli(proposals, p_logits.unsqueeze(1))
+        log_q_l = log_bernoulli(proposals, q_logits.unsqueeze(1))
+        log_t = log_p_l + log_q_l
+        # p(h_{l-1} | h_l)
+        log_t = log_t + log_bernoulli(hs[l - 1].unsqueeze(1), self.p_nets[l - 1](proposals))
+        if not top:  # q(h_{l+1} | h_l)
+            log_t = log_t + log_bernoulli(hs[l + 1].unsqueeze(1), self.q_nets[l](proposals))
+        log_weight = 0.5 * log_t - torch.logaddexp(log_p_l, log_q_l)
+        return _pick(proposals, log_weight, generator)
+
+    def _gibbs_update_visible(
+        self,
+        hs: list[Tensor],
+        S: int,
+        inner: int,
+        x_observed: Tensor | None,
+        mask: Tensor | None,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        """New x given h_1, by importance resampling over S + 1 candidates.
+
+        Target sqrt(p(x | h_1) q(x) q(h_1 | x)) with q(x) = p*(x) replaced by its
+        estimate p~*(x) (= Z^2 p*(x); the constant cancels) from `inner` q-samples.
+        Proposals x ~ p(x | h_1) have weight sqrt(q(x) q(h_1 | x) / p(x | h_1)). With a
+        mask (1 = observed), only the free pixels are proposed: the weight's p term is
+        then p(x_free | h_1), as p(x_observed | h_1) is the same for every candidate.
+        """
+        C = hs[0].shape[0]
+        p_logits = self.p_nets[0](hs[1]).unsqueeze(1)  # (C, 1, n_0)
+        proposals = sample_bernoulli(p_logits.expand(C, S, -1), generator)
+        proposals = torch.cat([proposals, hs[0].unsqueeze(1)], dim=1)  # (C, S + 1, n_0)
+        free = torch.ones_like(proposals[:1, :1]) if mask is None else 1 - mask.unsqueeze(1)
+        if x_observed is not None:
+            proposals = free * proposals + (1 - free) * x_observed.unsqueeze(1)
+        log_p_free = log_bernoulli(proposals * free, p_logits * free)  # masked terms are 0
+        log_q_h1 = log_bernoulli(hs[1].unsqueeze(1), self.q_nets[0](proposals))
+        d = self._log_weights(proposals, inner, generator)
+        log_ptilde_star = 2 * log_mean_exp(d / 2)
+        log_weight = 0.5 * (log_ptilde_star + log_q_h1 - log_p_free)
+        return _pick(proposals, log_weight, generator)
+
+    @torch.no_grad()
+    def gibbs_step(
+        self,
+        hs: Sequence[Tensor],
+        proposals: int = 1000,
+        inner: int = 10,
+        x_observed: Tensor | None = None,
+        mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[Tensor]:
+        """One block Gibbs sweep on p*(x, h): all odd layers, then all even layers.
+
+        Layers of one parity are conditionally independent given the others (each
+        conditional involves only h_{l-1} and h_{l+1}). Chains are the rows of hs,
+        each of shape (C, n_l). With `mask` (1 = observed) the observed pixels of x stay
+        equal to `x_observed` (inpainting).
+        """
+        hs = list(hs)
+        for parity in (1, 0):
+            for l in range(parity, self.n_latent + 1, 2):
+                if l == 0:
+                    hs[0] = self._gibbs_update_visible(
+                        hs, proposals, inner, x_observed, mask, generator
+                    )
+                else:
+                    hs[l] = self._gibbs_update_latent(hs, l, proposals, generator)
+        return hs
+
+    @torch.no_grad()
+    def sample_pstar(
+        self,
+        n: int,
+        steps: int = 250,
+        proposals: int = 1000,
+        inner: int = 10,
+        generator: torch.Generator | None = None,
+    ) -> list[Tensor]:
+        """n samples [x, h_1, ..., h_L] from p* by block Gibbs, started from ancestral samples of p."""
+        self._check_positive(n, "n")
+        self._check_positive(proposals, "proposals")
+        self._check_positive(inner, "inner")
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps!r}")
+        hs = self.sample_p(n, generator)
+        for _ in range(steps):
+            hs = self.gibbs_step(hs, proposals, inner, generator=generator)
+        return hs
+
+    def _check_mask(self, x: Tensor, mask: Tensor) -> None:
+        if mask.shape != x.shape:
+            raise ValueError(
+                f"mask must have the shape of x {tuple(x.shape)}, got {tuple(mask.shape)}"
+            )
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("mask must be binary (1 = observed pixel, 0 = to fill in)")
+
+    @torch.no_grad()
+    def reconstruct(
+        self, x: Tensor, mask: Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Plain q-then-p fill-in: h ~ q(h | x with the missing pixels 0), x_free ~ p(x | h_1).
+
+        The baseline that Gibbs inpainting from p* is compared against.
+        """
+        self._check_x(x)
+        self._check_mask(x, mask)
+        mask = mask.to(self._dtype)
+        h1 = self._sample_q_and_log_q(x * mask, 1, generator)[0][1].squeeze(-2)
+        x_free = sample_bernoulli(self.p_nets[0](h1), generator)
+        return mask * x + (1 - mask) * x_free
+
+    @torch.no_grad()
+    def inpaint(
+        self,
+        x: Tensor,
+        mask: Tensor,
+        steps: int = 100,
+        proposals: int = 1000,
+        inner: int = 10,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Fill in the pixels of x (B, n_0) where mask == 0 by Gibbs sampling from p*,
+        clamping the observed ones (mask == 1). Starts from `reconstruct`. Returns x (B, n_0);
+        repeat rows of x and mask to run several chains per digit."""
+        self._check_positive(proposals, "proposals")
+        self._check_positive(inner, "inner")
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps!r}")
+        x0 = self.reconstruct(x, mask, generator)
+        mask = mask.to(self._dtype)
+        hs = self._sample_q_and_log_q(x0, 1, generator)[0]
+        hs = [h.squeeze(-2) for h in hs]
+        for _ in range(steps):
+            hs = self.gibbs_step(hs, proposals, inner, x_observed=x, mask=mask, generator=generator)
+        return hs[0]
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path: str | os.PathLike) -> None:
+        """Write {"format", "version", "layer_sizes", "state_dict"} with torch.save, atomically."""
+        path = Path(path)
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "layer_sizes": list(self.layer_sizes),
+            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> BiHM:
+        """Load a file written by `save`. Tensors and plain containers only (weights_only=True)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no BiHM checkpoint at {path}")
+        try:
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as err:  # corrupted or not a torch file
+            raise ValueError(f"{path} is not a readable BiHM checkpoint: {err}") from err
+        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(
+                f"{path} is not a BiHM checkpoint (missing format {CHECKPOINT_FORMAT!r})"
+            )
+        if payload.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(
+                f"{path}: unsupported checkpoint version {payload.get('version')!r}, "
+                f"expected {CHECKPOINT_VERSION}"
+            )
+        for key in ("layer_sizes", "state_dict"):
+            if key not in payload:
+                raise ValueError(f"{path}: checkpoint is missing the key {key!r}")
+        model = cls(payload["layer_sizes"])
+        model.load_state_dict(payload["state_dict"])
+        return model.to(map_location)
+
+
+def _pick(candidates: Tensor, log_weight: Tensor, generator: torch.Generator | None) -> Tensor:
+    """For each chain c pick candidates[c, j] with probability softmax_j(log_weight[c])."""
+    probs = torch.softmax(log_weight, dim=-1)
+    idx = torch.multinomial(probs, 1, generator=generator)  # (C, 1)
+    return candidates.gather(1, idx.unsqueeze(-1).expand(-1, 1, candidates.shape[-1])).squeeze(1)
