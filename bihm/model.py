@@ -367,16 +367,6 @@ class BiHM(nn.Module):
         return ESS(pstar=ess_from_log_weights(d / 2), p=ess_from_log_weights(d))
 
     # ------------------------------------------------------------------ sampling from p*
-    def _log_p_layer(self, hs: Sequence[Tensor], l: int) -> Tensor:
-        """log p(h_l | h_{l+1}), or log p(h_L) for l = L."""
-        if l == self.n_latent:
-            return log_bernoulli(hs[l], self.prior_logits)
-        return log_bernoulli(hs[l], self.p_nets[l](hs[l + 1]))
-
-    def _log_q_layer(self, hs: Sequence[Tensor], l: int) -> Tensor:
-        """log q(h_l | h_{l-1}) for l >= 1."""
-        return log_bernoulli(hs[l], self.q_nets[l - 1](hs[l - 1]))
-
     def _gibbs_update_latent(
         self, hs: list[Tensor], l: int, S: int, generator: torch.Generator | None
     ) -> Tensor:
@@ -477,7 +467,7 @@ class BiHM(nn.Module):
         inner: int = 10,
         generator: torch.Generator | None = None,
     ) -> list[Tensor]:
-        """n samples [x, h_1, ..., h_L] from p* by block Gibbs, started from ancestral samples of p."""
+        """n samples [x, h_1, ..., h_L] from p* by block Gibbs, started from ancestral p samples."""
         self._check_positive(n, "n")
         self._check_positive(proposals, "proposals")
         self._check_positive(inner, "inner")
