@@ -1,0 +1,105 @@
+"""LightningDataModule over the shards written by `bihm data prepare`."""
+
+from __future__ import annotations
+
+import os
+
+import pytorch_lightning as pl
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from data_shards.shards import load_manifest, verify_shards
+from data_shards.stream import EpochDataLoader, eval_loader, train_loader
+
+
+class BinarizedMNISTDataModule(pl.LightningDataModule):
+    """Batches (x float32 (B, 784) in {0,1}, idx int64 (B,)) from WebDataset shards.
+
+    Rank and world size come from the attached trainer (Lightning DDP, Ray's RayDDPStrategy),
+    else from torch.distributed, else 0 / 1. Training gives every rank the same number of
+    batches per epoch and reshuffles from (seed, epoch): the train loader reads
+    trainer.current_epoch each time an epoch starts iterating it (see EpochDataLoader), so no
+    `reload_dataloaders_every_n_epochs` is needed. Validation and test see each sample exactly
+    once over all ranks and workers. `*_limit` keeps the samples with idx < limit.
+    """
+
+    def __init__(
+        self,
+        shard_dir: str | os.PathLike,
+        batch_size: int = 100,
+        eval_batch_size: int = 500,
+        num_workers: int = 0,
+        shuffle_buffer: int = 5000,
+        seed: int = 0,
+        train_limit: int | None = None,
+        valid_limit: int | None = None,
+        test_limit: int | None = None,
+        verify_sha256: bool = True,
+    ):
+        super().__init__()
+        self.shard_dir = shard_dir
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.limits = {"train": train_limit, "valid": valid_limit, "test": test_limit}
+        self.verify_sha256 = verify_sha256
+        self.manifest: dict | None = None
+        self._verified = False
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.manifest is None:
+            self.manifest = load_manifest(self.shard_dir)
+        if self.verify_sha256 and not self._verified:
+            verify_shards(self.shard_dir, self.manifest)
+            self._verified = True
+
+    def rank_and_world_size(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def _current_epoch(self) -> int:
+        return self.trainer.current_epoch
+
+    def train_dataloader(self) -> EpochDataLoader:
+        self.setup()
+        rank, world_size = self.rank_and_world_size()
+        return train_loader(
+            self.shard_dir,
+            rank=rank,
+            world_size=world_size,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed,
+            limit=self.limits["train"],
+            epoch_fn=self._current_epoch if self.trainer is not None else None,
+            verify_sha256=False,  # done once in setup()
+            manifest=self.manifest,
+        )
+
+    def _eval_dataloader(self, split: str) -> DataLoader:
+        self.setup()
+        rank, world_size = self.rank_and_world_size()
+        return eval_loader(
+            self.shard_dir,
+            split,
+            rank=rank,
+            world_size=world_size,
+            batch_size=self.eval_batch_size,
+            num_workers=self.num_workers,
+            limit=self.limits[split],
+            verify_sha256=False,
+            seed=self.seed,
+            manifest=self.manifest,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_dataloader("valid")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_dataloader("test")

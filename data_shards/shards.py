@@ -1,0 +1,327 @@
+"""Writing WebDataset shards and their manifest, and the `prepare` entry point.
+
+Shard layout: `{split}-NNNNNN.tar`, one sample per image, key = zero-padded index of the image
+within its split (so readers can check order and completeness), with fields
+  `bits`  np.packbits of the 784 binary pixels (98 bytes)    -- static binarization, or
+  `u8`    the 784 raw intensities 0..255                      -- dynamic binarization,
+  `cls`   the label as ASCII digits (only when labels exist).
+`manifest.json` lists per split the sample count and the shards (file, count, first index,
+sha256), plus the hash of the source content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from data_shards import sources
+from data_shards.sources import PIXELS, DataError
+
+MANIFEST = "manifest.json"
+FORMAT = "bihm-wds-1"
+ENCODINGS = {"static": "bits", "dynamic": "u8"}  # binarization -> payload field
+PACKED_BYTES = PIXELS // 8
+SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<num>\d{6})\.tar$")
+DATASETS = ("binarized_mnist", "mnist_static", "mnist_dynamic")
+
+
+def sample_key(idx: int) -> str:
+    return f"{idx:08d}"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _validate_split(split: str, images: np.ndarray, binarization: str) -> np.ndarray:
+    images = np.asarray(images)
+    if images.ndim != 2 or images.shape[1] != PIXELS or images.shape[0] == 0:
+        raise DataError(f"split {split!r}: shape {images.shape}, expected (N>0, {PIXELS})")
+    if not (np.issubdtype(images.dtype, np.integer) or images.dtype == bool):
+        raise DataError(f"split {split!r}: dtype {images.dtype}, expected an integer type")
+    high = 1 if binarization == "static" else 255
+    bad = np.argwhere((images < 0) | (images > high))
+    if bad.size:
+        row, col = (int(v) for v in bad[0])
+        raise DataError(
+            f"split {split!r}: sample {sample_key(row)} pixel {col} has value {images[row, col]}, "
+            f"expected 0..{high}"
+        )
+    return images.astype(np.uint8, copy=False)
+
+
+def write_shards(
+    splits: Mapping[str, np.ndarray],
+    out_dir: str | os.PathLike,
+    *,
+    shard_size: int = 10_000,
+    source_hash: str,
+    labels: Mapping[str, np.ndarray] | None = None,
+    progress: bool = True,
+    binarization: str = "static",
+    metadata: Mapping[str, Any] | None = None,
+) -> dict:
+    """Write `splits` ({name: (N, 784) uint8}) as shards plus manifest.json in `out_dir`.
+
+    binarization "static": values must be 0/1 and are bit-packed; "dynamic": values are
+    intensities 0..255, stored as is and resampled by the reader every epoch.
+    Atomic: shards are written under temporary names and renamed only once all are complete;
+    the manifest is written last, so a reader never sees a manifest pointing at partial shards.
+    Returns the manifest.
+    """
+    if binarization not in ENCODINGS:
+        raise ValueError(f"binarization must be one of {sorted(ENCODINGS)}, got {binarization!r}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    field = ENCODINGS[binarization]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checked = {
+        split: _validate_split(split, images, binarization) for split, images in splits.items()
+    }
+    for split in checked:
+        if not re.fullmatch(r"[A-Za-z0-9_]+", split):
+            raise ValueError(f"split name {split!r}: use letters, digits and underscores only")
+        if labels is not None and len(labels[split]) != len(checked[split]):
+            raise DataError(
+                f"split {split!r}: {len(labels[split])} labels for {len(checked[split])} images"
+            )
+
+    token = secrets.token_hex(4)
+    written: list[tuple[Path, Path]] = []  # (temporary, final)
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "field": field,
+        "binarization": binarization,
+        "pixels": PIXELS,
+        "labels": labels is not None,
+        "shard_size": shard_size,
+        "source_hash": source_hash,
+        **dict(metadata or {}),
+        "splits": {},
+    }
+    total = sum(len(images) for images in checked.values())
+    bar = tqdm(total=total, desc=f"writing shards to {out_dir}", unit="img", disable=not progress)
+    try:
+        for split, images in checked.items():
+            payload = np.packbits(images, axis=1) if field == "bits" else images
+            split_labels = None if labels is None else np.asarray(labels[split])
+            entries = []
+            pattern = str(out_dir / f"{split}-%06d.tar.tmp-{token}")
+            # mtime fixed so that the same data gives byte-identical shards (and sha256).
+            with wds.ShardWriter(
+                pattern, maxcount=shard_size, verbose=0, encoder=False, mtime=0
+            ) as sink:
+                for idx in range(len(payload)):
+                    sample = {"__key__": sample_key(idx), field: payload[idx].tobytes()}
+                    if split_labels is not None:
+                        sample["cls"] = str(int(split_labels[idx])).encode()
+                    sink.write(sample)
+                    bar.update()
+            for num, first in enumerate(range(0, len(payload), shard_size)):
+                tmp = Path(pattern % num)
+                final = out_dir / f"{split}-{num:06d}.tar"
+                written.append((tmp, final))
+                entries.append(
+                    {
+                        "file": final.name,
+                        "count": min(shard_size, len(payload) - first),
+                        "first_idx": first,
+                        "sha256": file_sha256(tmp),
+                    }
+                )
+            manifest["splits"][split] = {"count": len(payload), "shards": entries}
+    except BaseException:
+        for tmp in out_dir.glob(f"*.tmp-{token}"):
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        bar.close()
+
+    # Commit: drop the old manifest first, so an interruption below leaves no manifest that
+    # could describe a mix of old and new shards; then rename shards, then the new manifest.
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    keep = {final.name for _, final in written}
+    for old in out_dir.iterdir():
+        if SHARD_NAME.match(old.name) and old.name not in keep:
+            old.unlink()  # stale shard of an earlier, larger run
+    for tmp, final in written:
+        os.replace(tmp, final)
+    tmp_manifest = out_dir / f".{MANIFEST}.tmp-{token}"
+    tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp_manifest, out_dir / MANIFEST)
+    return manifest
+
+
+def load_manifest(shard_dir: str | os.PathLike) -> dict:
+    """Read and check `shard_dir/manifest.json`; errors name the file and the field."""
+    path = Path(shard_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no manifest; create the shards with `bihm data prepare --out {shard_dir}`"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exn:
+        raise ValueError(f"{path}: not valid JSON ({exn})") from exn
+
+    def need(obj: Any, name: str, kind: type, where: str) -> Any:
+        if not isinstance(obj, dict) or name not in obj or not isinstance(obj[name], kind):
+            raise ValueError(f"{path}: field {where}{name} missing or not a {kind.__name__}")
+        return obj[name]
+
+    if need(manifest, "format", str, "") != FORMAT:
+        raise ValueError(f"{path}: field format is {manifest['format']!r}, expected {FORMAT!r}")
+    if need(manifest, "field", str, "") not in ENCODINGS.values():
+        raise ValueError(f"{path}: field 'field' is {manifest['field']!r}")
+    need(manifest, "source_hash", str, "")
+    for split, info in need(manifest, "splits", dict, "").items():
+        where = f"splits.{split}."
+        count = need(info, "count", int, where)
+        expected_first = 0
+        for i, shard in enumerate(need(info, "shards", list, where)):
+            at = f"{where}shards[{i}]."
+            need(shard, "file", str, at)
+            need(shard, "sha256", str, at)
+            if (
+                need(shard, "first_idx", int, at) != expected_first
+                or need(shard, "count", int, at) < 1
+            ):
+                raise ValueError(f"{path}: field {at}first_idx/count do not tile the split")
+            expected_first += shard["count"]
+        if expected_first != count:
+            raise ValueError(
+                f"{path}: field {where}count is {count}, the shards hold {expected_first}"
+            )
+    return manifest
+
+
+def verify_shards(shard_dir: str | os.PathLike, manifest: dict, splits=None) -> None:
+    """Check that every shard of `splits` (default all) exists and matches its sha256."""
+    shard_dir = Path(shard_dir)
+    for split in splits or manifest["splits"]:
+        if split not in manifest["splits"]:
+            raise ValueError(f"{shard_dir / MANIFEST}: no split {split!r}")
+        for shard in manifest["splits"][split]["shards"]:
+            path = shard_dir / shard["file"]
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: shard listed in the manifest is missing")
+            actual = file_sha256(path)
+            if actual != shard["sha256"]:
+                raise DataError(
+                    f"{path}: sha256 {actual} does not match the manifest's {shard['sha256']} "
+                    "(corrupted or modified shard; re-run `bihm data prepare`)"
+                )
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def _expected_identity(dataset: str, shard_size: int, seed: int) -> dict:
+    """What a manifest must say for `prepare` to skip the work."""
+    identity = {"dataset": dataset, "shard_size": shard_size}
+    if dataset == "binarized_mnist":
+        identity["source_hash"] = sources.binarized_mnist_source_hash()
+    else:
+        identity["source_hash"] = sources.mnist_source_hash()
+        if dataset == "mnist_static":
+            identity["seed"] = seed
+    return identity
+
+
+def _up_to_date(out_dir: Path, identity: dict) -> dict | None:
+    try:
+        manifest = load_manifest(out_dir)
+        verify_shards(out_dir, manifest)
+    except (OSError, ValueError):
+        return None
+    if any(manifest.get(key) != value for key, value in identity.items()):
+        return None
+    return manifest
+
+
+def _acquire(dataset: str, source: str | os.PathLike | None, out_dir: Path) -> sources.RawData:
+    mnist = dataset != "binarized_mnist"
+    if source is None:
+        source = os.environ.get(sources.MNIST_SOURCE_ENV if mnist else sources.SOURCE_ENV) or None
+    if source is None:
+        source = sources.MNIST_URL if mnist else sources.BINARIZED_MNIST_URL
+    if sources.is_url(source):
+        cache = out_dir / "download"
+        return (
+            sources.download_mnist(cache, source)
+            if mnist
+            else sources.download_binarized_mnist(cache, source)
+        )
+    if not Path(source).is_dir():
+        raise FileNotFoundError(f"{source}: data source folder does not exist")
+    return sources.load_mnist(source) if mnist else sources.load_binarized_mnist(source)
+
+
+def prepare(
+    out_dir: str | os.PathLike,
+    source: str | os.PathLike | None = None,
+    *,
+    dataset: str = "binarized_mnist",
+    shard_size: int = 10_000,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Acquire `dataset`, verify it and write shards + manifest to `out_dir`. Returns the manifest.
+
+    source: a folder (mirror), an http(s):// or file:// base URL, or None for
+    $BIHM_DATA_SOURCE ($BIHM_MNIST_SOURCE for the mnist_* data sets) and else the canonical URL.
+    dataset: "binarized_mnist" (standard static binarization), "mnist_static" (raw MNIST
+    binarized once with `seed`), "mnist_dynamic" (raw intensities, resampled every epoch).
+    Idempotent: with an up-to-date manifest and intact shards it does nothing and says so.
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    out_dir = Path(out_dir)
+    identity = _expected_identity(dataset, shard_size, seed)
+    if (manifest := _up_to_date(out_dir, identity)) is not None:
+        print(f"{out_dir / MANIFEST}: up to date ({dataset}), nothing to do")
+        return manifest
+
+    raw = _acquire(dataset, source, out_dir)
+    splits, binarization = raw.splits, "static"
+    if dataset == "mnist_static":
+        # A different stream per split so that train and valid do not share noise patterns.
+        splits = {
+            name: sources.binarize_static(images, seed=seed * 1000 + i)
+            for i, (name, images) in enumerate(raw.splits.items())
+        }
+    elif dataset == "mnist_dynamic":
+        binarization = "dynamic"
+    metadata = {
+        key: value for key, value in identity.items() if key not in ("source_hash", "shard_size")
+    }
+    metadata["seed"] = seed
+    metadata["content_sha256"] = raw.content_sha256
+    manifest = write_shards(
+        splits,
+        out_dir,
+        shard_size=shard_size,
+        source_hash=raw.source_hash,
+        labels=raw.labels,
+        progress=progress,
+        binarization=binarization,
+        metadata=metadata,
+    )
+    counts = ", ".join(f"{split} {info['count']}" for split, info in manifest["splits"].items())
+    print(f"{out_dir / MANIFEST}: wrote {dataset} ({counts})")
+    return manifest
