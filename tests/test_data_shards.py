@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_shards import DataError, eval_loader, load_manifest, prepare, write_shards
-from data_shards import sources
+from data_shards import DataError, eval_loader, load_manifest, prepare, sources, write_shards
 from data_shards.cli import main as cli_main
 
 
@@ -96,7 +95,7 @@ def test_labels_round_trip(tmp_path):
     labels = {"train": np.arange(120) % 10}
     write_shards(splits, tmp_path, shard_size=50, source_hash="x", labels=labels, progress=False)
     seen = {}
-    for x, idx, y in eval_loader(tmp_path, "train", with_labels=True, batch_size=32):
+    for _, idx, y in eval_loader(tmp_path, "train", with_labels=True, batch_size=32):
         seen.update(zip(idx.tolist(), y.tolist(), strict=True))
     assert seen == {i: i % 10 for i in range(120)}
 
