@@ -1,0 +1,379 @@
+"""Run configuration: YAML files in `configs/`, validated on load, with `--set` overrides.
+
+A config is a tree of dataclasses. Loading is strict: an unknown key, a missing section
+of the wrong shape or a bad value raises `ConfigError` naming the dotted key
+(e.g. ``optim.lr``). `Config.to_dict()` gives plain Python types (what the checkpoint
+stores and what `config.yaml` in the run folder holds), and `config_from_dict` reads it back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "bmnist_paper.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the offending key."""
+
+
+# --------------------------------------------------------------------------- schema
+@dataclass
+class ModelConfig:
+    layers: list[int] = field(
+        default_factory=lambda: [784, 300, 200, 100, 75, 50, 35, 30, 25, 20, 15, 10, 10]
+    )
+    """Layer sizes [n_0 = 784 pixels, n_1, ..., n_L]."""
+
+
+@dataclass
+class DataConfig:
+    shard_dir: str = "data/binarized_mnist"
+    """Folder of the sharded data set; prepared automatically when it has no manifest."""
+    dataset: Literal["binarized_mnist", "mnist_static", "mnist_dynamic"] = "binarized_mnist"
+    """What `data_shards.prepare` writes to shard_dir when it has no manifest."""
+    batch_size: int = 100
+    eval_batch_size: int = 500
+    num_workers: int = 0
+    shuffle_buffer: int = 5000
+    train_limit: int | None = None
+    valid_limit: int | None = None
+    test_limit: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    objective: Literal["bihm", "rws"] = "bihm"
+    K: int = 10
+    """Samples h_k ~ q(h | x) per example in the training objective."""
+    max_epochs: int = 10_000
+    early_stopping_patience: int | None = 10
+    """Epochs without improvement of the validation log p~* before stopping; null = never."""
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    log_every_n_steps: int = 50
+
+
+@dataclass
+class SwitchConfig:
+    """The authors' "continue with larger K": from `epoch` on, train with K and lr."""
+
+    epoch: int | None = None
+    K: int | None = None
+    lr: float | None = None
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    schedule: Literal["constant", "cosine", "exponential", "step"] = "constant"
+    """Learning-rate factor per epoch: constant 1; cosine from 1 to min_factor over
+    max_epochs; exponential gamma**epoch; step gamma**(epoch // step_size)."""
+    gamma: float = 1.0
+    step_size: int = 100
+    min_factor: float = 0.0
+    switch: SwitchConfig = field(default_factory=SwitchConfig)
+
+
+@dataclass
+class GibbsValidationConfig:
+    """Inpainting of the bottom half of a fixed validation subset (global idx < examples)."""
+
+    every_n_epochs: int = 10
+    """0 = never."""
+    examples: int = 100
+    chains: int = 1
+    steps: int = 20
+    proposals: int = 1000
+    inner: int = 10
+
+
+@dataclass
+class ValidationConfig:
+    K: int = 100
+    z_samples: int = 10_000
+    """N, the outer samples of the 2 log Z estimator (paper Eq. 7)."""
+    z_inner: int = 10
+    """M, the inner q-samples per outer sample."""
+    z_chunk: int = 1000
+    """2 log Z is computed in fixed chunks of this many outer samples, each seeded by its
+    id and shared round-robin between ranks: the estimate does not depend on the ranks."""
+    seed: int = 1234
+    """Seeds the per-example generators: the same samples every epoch and on any rank count."""
+    gibbs: GibbsValidationConfig = field(default_factory=GibbsValidationConfig)
+
+
+@dataclass
+class SamplesConfig:
+    every_n_epochs: int = 10
+    """0 = never. Rank 0 writes samples/epoch_NNNN.png."""
+    n: int = 64
+    gibbs_steps: int = 250
+    proposals: int = 1000
+    inner: int = 10
+
+
+@dataclass
+class LoggingConfig:
+    wandb: Literal["off", "offline", "online"] = "off"
+    wandb_project: str = "bihm"
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    name: str = "bihm"
+    seed: int = 0
+    run_dir: str | None = None
+    """Defaults to runs/<name>."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+
+
+# --------------------------------------------------------------------------- parsing
+def _fail(key: str, msg: str) -> typing.NoReturn:
+    raise ConfigError(f"config key {key!r}: {msg}")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it in canonical form."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            _fail(key, "must not be null")
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if value is None:
+        _fail(key, "must not be null")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value is False and "off" in choices:  # YAML 1.1 reads a bare `off` as false
+            value = "off"
+        if value not in choices:
+            _fail(key, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            _fail(key, f"must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(key, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            _fail(key, f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                _fail(key, f"must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            _fail(key, f"must be a number, got {value!r}")
+        if not math.isfinite(value):
+            _fail(key, f"must be finite, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(key, f"must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} at {key}")  # a bug in the schema
+
+
+def _from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    where = prefix or "top level"
+    if not isinstance(data, dict):
+        _fail(where, f"must be a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        _fail(key, f"unknown key (allowed here: {', '.join(names)})")
+    kwargs = {}
+    for name in names:
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], f"{prefix}.{name}" if prefix else name)
+    return cls(**kwargs)
+
+
+def _check_range(cfg: Config) -> None:
+    """Value checks that the types cannot express."""
+
+    def positive(key: str, value: int | float | None, allow_none: bool = False) -> None:
+        if value is None and allow_none:
+            return
+        if value is None or value <= 0:
+            _fail(key, f"must be > 0, got {value!r}")
+
+    def non_negative(key: str, value: int) -> None:
+        if value < 0:
+            _fail(key, f"must be >= 0, got {value!r}")
+
+    layers = cfg.model.layers
+    if len(layers) < 2:
+        _fail("model.layers", f"needs the visible layer and at least one latent layer: {layers}")
+    for i, n in enumerate(layers):
+        positive(f"model.layers[{i}]", n)
+    if not cfg.name or "/" in cfg.name:
+        _fail("name", f"must be a non-empty name without '/', got {cfg.name!r}")
+    d = cfg.data
+    for key in ("batch_size", "eval_batch_size", "shuffle_buffer"):
+        positive(f"data.{key}", getattr(d, key))
+    non_negative("data.num_workers", d.num_workers)
+    for key in ("train_limit", "valid_limit", "test_limit"):
+        positive(f"data.{key}", getattr(d, key), allow_none=True)
+    t = cfg.train
+    for key in ("K", "max_epochs", "devices", "num_nodes", "log_every_n_steps"):
+        positive(f"train.{key}", getattr(t, key))
+    positive("train.early_stopping_patience", t.early_stopping_patience, allow_none=True)
+    o = cfg.optim
+    positive("optim.lr", o.lr)
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        _fail("optim.betas", f"must be two numbers in [0, 1), got {o.betas}")
+    positive("optim.eps", o.eps)
+    non_negative("optim.weight_decay", o.weight_decay)
+    positive("optim.gamma", o.gamma)
+    positive("optim.step_size", o.step_size)
+    if not 0 <= o.min_factor <= 1:
+        _fail("optim.min_factor", f"must be in [0, 1], got {o.min_factor}")
+    s = o.switch
+    if s.epoch is None:
+        if s.K is not None or s.lr is not None:
+            _fail("optim.switch.epoch", "must be set when optim.switch.K or .lr is set")
+    else:
+        non_negative("optim.switch.epoch", s.epoch)
+        if s.K is None and s.lr is None:
+            _fail("optim.switch", "set K and/or lr to switch to at optim.switch.epoch")
+        positive("optim.switch.K", s.K, allow_none=True)
+        positive("optim.switch.lr", s.lr, allow_none=True)
+    v = cfg.validation
+    for key in ("K", "z_samples", "z_inner", "z_chunk"):
+        positive(f"validation.{key}", getattr(v, key))
+    non_negative("validation.seed", v.seed)
+    g = v.gibbs
+    non_negative("validation.gibbs.every_n_epochs", g.every_n_epochs)
+    for key in ("examples", "chains", "proposals", "inner"):
+        positive(f"validation.gibbs.{key}", getattr(g, key))
+    non_negative("validation.gibbs.steps", g.steps)
+    sm = cfg.samples
+    non_negative("samples.every_n_epochs", sm.every_n_epochs)
+    for key in ("n", "proposals", "inner"):
+        positive(f"samples.{key}", getattr(sm, key))
+    non_negative("samples.gibbs_steps", sm.gibbs_steps)
+    non_negative("seed", cfg.seed)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Validate a plain dict (a parsed YAML file or a checkpoint's copy) into a Config."""
+    cfg = _from_dict(Config, data)
+    _check_range(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`optim.lr=3e-4` -> (["optim", "lr"], 0.0003); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {err}") from err
+    return parts, value
+
+
+def add_override_argument(parser, help_text: str) -> None:
+    """The repeatable `--set KEY=VALUE` option of the `bihm` sub-commands."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=help_text)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `data` with each `key.path=value` applied (validated later)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"override {text!r}: {'.'.join(parts[: i + 1])!r} is not a section"
+                )
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (default configs/bmnist_paper.yaml), apply overrides, validate."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    try:
+        return config_from_dict(apply_overrides(data, list(overrides)))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text to path via a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

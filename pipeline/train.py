@@ -1,0 +1,369 @@
+"""`bihm train`: build the data module, callbacks, loggers and the Trainer; run fit.
+
+All launcher concerns live here (accelerator, devices, nodes, DDP strategy, loggers,
+callbacks, the run folder), so `bihm.lightning.BiHMModule` and the data module stay
+unchanged under Ray Train, Ray Tune or SLURM: those only need a different `build_trainer`.
+
+Run folder `runs/<name>/`:
+    config.yaml             the resolved config
+    metrics.csv             one row per epoch (rewritten atomically)
+    curves.png              learning curves, rewritten each epoch
+    checkpoints/last.ckpt   resume point (optimizer, epoch counter, callbacks)
+    checkpoints/best-*.ckpt the best by validation log p~*
+    samples/epoch_NNNN.png  p (top-down) and p* (Gibbs) samples, every samples.every_n_epochs
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import (
+    Callback,
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    TQDMProgressBar,
+)
+from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.utilities import rank_zero_only
+
+from bihm.lightning import BiHMModule, make_generator
+from pipeline.config import Config, atomic_write_text, config_from_dict, save_config
+
+MONITOR = "val/log_ptilde_star"
+
+
+class TrainingError(RuntimeError):
+    """A run cannot start or continue (e.g. nothing to resume, run folder already used)."""
+
+
+def is_rank_zero() -> bool:
+    """Global rank 0 of the job, known before the Trainer exists (env RANK/SLURM_PROCID/...)."""
+    return rank_zero_only.rank == 0
+
+
+# --------------------------------------------------------------------------- data
+def make_datamodule(cfg: Config, **overrides: Any):
+    """The contract's BinarizedMNISTDataModule, preparing the shards on rank 0 if needed."""
+    from data_shards import BinarizedMNISTDataModule
+
+    class PreparingDataModule(BinarizedMNISTDataModule):
+        def __init__(self, *args, dataset: str = "binarized_mnist", **kwargs):
+            super().__init__(*args, **kwargs)
+            self.dataset = dataset
+            # One preparation per job (global rank 0), then Lightning's barrier.
+            self.prepare_data_per_node = False
+
+        def prepare_data(self) -> None:
+            ensure_shards(self.shard_dir, self.dataset)
+
+    d = cfg.data
+    kwargs = dict(
+        shard_dir=d.shard_dir,
+        batch_size=d.batch_size,
+        eval_batch_size=d.eval_batch_size,
+        num_workers=d.num_workers,
+        shuffle_buffer=d.shuffle_buffer,
+        seed=cfg.seed,
+        train_limit=d.train_limit,
+        valid_limit=d.valid_limit,
+        test_limit=d.test_limit,
+    )
+    kwargs.update(overrides)
+    return PreparingDataModule(dataset=d.dataset, **kwargs)
+
+
+def ensure_shards(shard_dir: str | os.PathLike, dataset: str = "binarized_mnist") -> None:
+    """Write the shards with `data_shards.prepare` when `shard_dir` has no manifest."""
+    from data_shards import load_manifest, prepare
+
+    try:
+        load_manifest(shard_dir)
+        return
+    except FileNotFoundError:
+        pass
+    source = os.environ.get("BIHM_DATA_SOURCE")
+    where = f"$BIHM_DATA_SOURCE={source}" if source else "a download (set $BIHM_DATA_SOURCE)"
+    print(
+        f"bihm: {shard_dir} has no shard manifest; preparing {dataset} from {where} ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    prepare(shard_dir, dataset=dataset)
+
+
+# --------------------------------------------------------------------------- callbacks
+class MetricsCSV(Callback):
+    """metrics.csv with one row per epoch from `BiHMModule.epoch_metrics`, and curves.png.
+
+    Rank 0 rewrites both files atomically after each validation. On resume, rows of the
+    epochs that are run again are dropped first.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.path = Path(run_dir) / "metrics.csv"
+        self.curves = Path(run_dir) / "curves.png"
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.rows = []
+        if self.path.is_file():
+            with open(self.path, newline="") as f:
+                for row in csv.DictReader(f):
+                    values = {k: float(v) if v != "" else math.nan for k, v in row.items()}
+                    if values["epoch"] < trainer.current_epoch:
+                        self.rows.append(values)
+        if trainer.is_global_zero:
+            self._write()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or not trainer.is_global_zero:
+            return
+        row = dict(getattr(pl_module, "epoch_metrics", {}))
+        if not row:
+            return
+        row["time"] = time.time()
+        self.rows = [r for r in self.rows if r["epoch"] != row["epoch"]] + [row]
+        self._write()
+        from pipeline.plots import save_curves
+
+        save_curves(self.curves, self.rows)
+
+    def _write(self) -> None:
+        keys: list[str] = ["epoch"]
+        for row in self.rows:
+            keys += [k for k in row if k not in keys]
+        front = [k for k in keys if k.startswith("train/")]
+        rest = [k for k in keys if k != "epoch" and k not in front]
+        header = ["epoch", *front, *rest]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=header, restval="", lineterminator="\n")
+        writer.writeheader()
+        for row in self.rows:
+            out = {k: (int(v) if k == "epoch" else repr(float(v))) for k, v in row.items()}
+            writer.writerow({k: ("" if v == "nan" else v) for k, v in out.items()})
+        atomic_write_text(self.path, buf.getvalue())
+
+
+class SamplesCallback(Callback):
+    """Every N epochs rank 0 saves plain p samples next to p* Gibbs samples."""
+
+    def __init__(self, run_dir: str | os.PathLike, cfg: Config) -> None:
+        self.dir = Path(run_dir) / "samples"
+        self.cfg = cfg.samples
+        self.seed = cfg.seed
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        every = self.cfg.every_n_epochs
+        if (
+            every <= 0
+            or trainer.sanity_checking
+            or trainer.state.fn != "fit"
+            or not trainer.is_global_zero
+            or (trainer.current_epoch + 1) % every != 0
+        ):
+            return
+        path = self.dir / f"epoch_{trainer.current_epoch:04d}.png"
+        save_sample_picture(
+            pl_module.model,
+            path,
+            n=self.cfg.n,
+            steps=self.cfg.gibbs_steps,
+            proposals=self.cfg.proposals,
+            inner=self.cfg.inner,
+            seed=self.seed,
+            title=f"epoch {trainer.current_epoch}",
+        )
+
+
+def save_sample_picture(
+    model, path, *, n: int, steps: int, proposals: int, inner: int, seed: int, title: str = ""
+) -> None:
+    """PNG: n plain top-down p samples | n p* samples after `steps` Gibbs sweeps from them."""
+    from pipeline.plots import save_panels, tile
+
+    device = model.prior_logits.device
+    was_training = model.training
+    model.eval()
+    g = make_generator(device, seed, 6, n)
+    x_p = model.sample_p(n, generator=g)[0]
+    g = make_generator(device, seed, 7, n)
+    x_star = model.sample_pstar(n, steps=steps, proposals=proposals, inner=inner, generator=g)[0]
+    model.train(was_training)
+    save_panels(
+        path,
+        [
+            ("p(x) top-down samples", tile(x_p)),
+            (f"p*(x): {steps} Gibbs sweeps, {proposals} proposals", tile(x_star)),
+        ],
+        title=title,
+    )
+
+
+# --------------------------------------------------------------------------- trainer
+def resolve_accelerator(name: str) -> str:
+    if name == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if name == "gpu" and not torch.cuda.is_available():
+        raise TrainingError("train.accelerator is 'gpu' but no CUDA device is available")
+    return name
+
+
+def build_strategy(accelerator: str, devices: int, num_nodes: int):
+    """DDP (gloo on CPU, nccl on GPU) for more than one process, else Lightning's default."""
+    if devices * num_nodes <= 1:
+        return "auto"
+    return DDPStrategy(
+        process_group_backend="nccl" if accelerator == "gpu" else "gloo",
+        # Rank 0 alone draws the sample pictures (minutes on a CPU): don't time out meanwhile.
+        timeout=timedelta(hours=3),
+    )
+
+
+def build_callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
+    callbacks: list[Callback] = [
+        ModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            filename="best-epoch{epoch:04d}",
+            auto_insert_metric_name=False,
+            monitor=MONITOR,
+            mode="max",
+            save_top_k=1,
+            save_last=True,
+        ),
+        MetricsCSV(run_dir),
+        SamplesCallback(run_dir, cfg),
+    ]
+    if cfg.train.early_stopping_patience is not None:
+        callbacks.append(
+            EarlyStopping(
+                monitor=MONITOR,
+                mode="max",
+                patience=cfg.train.early_stopping_patience,
+                check_on_train_epoch_end=False,
+                verbose=True,
+            )
+        )
+    if cfg.logging.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=10))
+    return callbacks
+
+
+def build_logger(cfg: Config, run_dir: Path):
+    mode = cfg.logging.wandb
+    if mode == "off":
+        return False
+    from pytorch_lightning.loggers import WandbLogger
+
+    # Only rank 0 creates the wandb run (Lightning's rank_zero_experiment).
+    return WandbLogger(
+        project=cfg.logging.wandb_project,
+        name=cfg.name,
+        save_dir=str(run_dir),
+        offline=(mode == "offline"),
+        config=cfg.to_dict(),
+        log_model=False,
+    )
+
+
+def build_trainer(
+    cfg: Config,
+    run_dir: Path,
+    *,
+    devices: int | None = None,
+    num_nodes: int | None = None,
+    extra_callbacks: list[Callback] | tuple = (),
+    max_epochs: int | None = None,
+    logger: Any = None,
+) -> pl.Trainer:
+    accelerator = resolve_accelerator(cfg.train.accelerator)
+    devices = devices or cfg.train.devices
+    num_nodes = num_nodes or cfg.train.num_nodes
+    callbacks = build_callbacks(cfg, run_dir) + list(extra_callbacks)
+    logger = build_logger(cfg, run_dir) if logger is None else logger
+    if logger:
+        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    return pl.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=build_strategy(accelerator, devices, num_nodes),
+        max_epochs=max_epochs or cfg.train.max_epochs,
+        callbacks=callbacks,
+        logger=logger,
+        default_root_dir=str(run_dir),
+        enable_progress_bar=cfg.logging.progress_bar,
+        enable_model_summary=is_rank_zero(),
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=1,
+        log_every_n_steps=cfg.train.log_every_n_steps,
+        # The data module shards every split itself (exactly-once validation).
+        use_distributed_sampler=False,
+    )
+
+
+def run_training(
+    cfg: Config,
+    *,
+    devices: int | None = None,
+    num_nodes: int | None = None,
+    run_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    extra_callbacks: list[Callback] | tuple = (),
+) -> dict[str, Any]:
+    """Train `cfg` into its run folder; returns {"run_dir", "best", "best_path", "epochs"}."""
+    if run_dir is not None:
+        cfg.run_dir = str(run_dir)
+    run_dir = cfg.resolved_run_dir()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    ckpt_path = None
+    if resume:
+        if not last.is_file():
+            raise TrainingError(f"--resume: no checkpoint to resume from at {last}")
+        ckpt_path = str(last)
+    elif last.is_file() and is_rank_zero():
+        raise TrainingError(
+            f"{run_dir} already holds a run ({last}); pass --resume to continue it, "
+            f"or choose another --run-dir / name"
+        )
+    if is_rank_zero():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = BiHMModule(cfg.to_dict())
+    datamodule = make_datamodule(cfg)
+    trainer = build_trainer(
+        cfg, run_dir, devices=devices, num_nodes=num_nodes, extra_callbacks=extra_callbacks
+    )
+    # The checkpoint holds tensors and plain types only: load it with weights_only=True.
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    ckpt_cb = trainer.checkpoint_callback
+    best = ckpt_cb.best_model_score if ckpt_cb is not None else None
+    return {
+        "run_dir": str(run_dir),
+        "best": float(best) if best is not None else None,
+        "best_path": ckpt_cb.best_model_path if ckpt_cb is not None else None,
+        "epochs": trainer.current_epoch,
+        "global_rank": trainer.global_rank,
+    }
+
+
+def config_for_resume(run_dir: Path) -> Config:
+    """The resolved config a run folder was started with."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise TrainingError(f"--resume: {path} not found (is {run_dir} a run folder?)")
+    return config_from_dict(yaml.safe_load(path.read_text()))
