@@ -1,11 +1,14 @@
 """Writing WebDataset shards and their manifest, and the `prepare` entry point.
 
-Shard layout: `{split}-NNNNNN.tar`, one sample per image, key = zero-padded index of the image
-within its split (so readers can check order and completeness), with fields
-  `bits`  np.packbits of the 784 binary pixels (98 bytes)    -- static binarization, or
-  `u8`    the 784 raw intensities 0..255                      -- dynamic binarization,
-  `cls`   the label as ASCII digits (only when labels exist).
-`manifest.json` lists per split the sample count and the shards (file, count, first index,
+Shard layout: `{split}-NNNNNN.tar`, `shard_size` images each. A record (WebDataset sample) holds
+a block of up to `images_per_record` consecutive images of one shard (100 by default; an image
+is only 98 bytes, and per-record overhead dominates otherwise). Its key is the zero-padded
+index, within the split, of its first image, so readers can check order and completeness.
+Fields:
+  `bits`    np.packbits of the 784 binary pixels, 98 bytes per image   (static binarization)
+  `u8`      the 784 raw intensities 0..255, 784 bytes per image        (dynamic binarization)
+  `labels`  one uint8 per image (only when labels exist).
+`manifest.json` lists per split the image count and the shards (file, count, first index,
 sha256), plus the hash of the source content.
 """
 
@@ -33,6 +36,9 @@ ENCODINGS = {"static": "bits", "dynamic": "u8"}  # binarization -> payload field
 PACKED_BYTES = PIXELS // 8
 SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<num>\d{6})\.tar$")
 DATASETS = ("binarized_mnist", "mnist_static", "mnist_dynamic")
+# Python's tarfile spends ~20 us per member, which capped a loader at ~35k images/s with one
+# image per member; blocks of 100 consecutive images make reading ~20x cheaper.
+IMAGES_PER_RECORD = 100
 
 
 def sample_key(idx: int) -> str:
@@ -74,6 +80,7 @@ def write_shards(
     progress: bool = True,
     binarization: str = "static",
     metadata: Mapping[str, Any] | None = None,
+    images_per_record: int = IMAGES_PER_RECORD,
 ) -> dict:
     """Write `splits` ({name: (N, 784) uint8}) as shards plus manifest.json in `out_dir`.
 
@@ -85,8 +92,8 @@ def write_shards(
     """
     if binarization not in ENCODINGS:
         raise ValueError(f"binarization must be one of {sorted(ENCODINGS)}, got {binarization!r}")
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if shard_size < 1 or images_per_record < 1:
+        raise ValueError("shard_size and images_per_record must be >= 1")
     field = ENCODINGS[binarization]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -101,6 +108,7 @@ def write_shards(
                 f"split {split!r}: {len(labels[split])} labels for {len(checked[split])} images"
             )
 
+    per_record = min(images_per_record, shard_size)
     token = secrets.token_hex(4)
     written: list[tuple[Path, Path]] = []  # (temporary, final)
     manifest: dict[str, Any] = {
@@ -110,6 +118,7 @@ def write_shards(
         "pixels": PIXELS,
         "labels": labels is not None,
         "shard_size": shard_size,
+        "images_per_record": per_record,
         "source_hash": source_hash,
         **dict(metadata or {}),
         "splits": {},
@@ -119,27 +128,26 @@ def write_shards(
     try:
         for split, images in checked.items():
             payload = np.packbits(images, axis=1) if field == "bits" else images
-            split_labels = None if labels is None else np.asarray(labels[split])
+            split_labels = None if labels is None else np.asarray(labels[split], dtype=np.uint8)
             entries = []
-            pattern = str(out_dir / f"{split}-%06d.tar.tmp-{token}")
-            # mtime fixed so that the same data gives byte-identical shards (and sha256).
-            with wds.ShardWriter(
-                pattern, maxcount=shard_size, verbose=0, encoder=False, mtime=0
-            ) as sink:
-                for idx in range(len(payload)):
-                    sample = {"__key__": sample_key(idx), field: payload[idx].tobytes()}
-                    if split_labels is not None:
-                        sample["cls"] = str(int(split_labels[idx])).encode()
-                    sink.write(sample)
-                    bar.update()
             for num, first in enumerate(range(0, len(payload), shard_size)):
-                tmp = Path(pattern % num)
+                end = min(first + shard_size, len(payload))
                 final = out_dir / f"{split}-{num:06d}.tar"
+                tmp = final.with_name(f"{final.name}.tmp-{token}")
                 written.append((tmp, final))
+                # mtime fixed so that the same data gives byte-identical shards (and sha256).
+                with wds.TarWriter(str(tmp), encoder=False, mtime=0) as sink:
+                    for key in range(first, end, per_record):
+                        rows = slice(key, min(key + per_record, end))
+                        record = {"__key__": sample_key(key), field: payload[rows].tobytes()}
+                        if split_labels is not None:
+                            record["labels"] = split_labels[rows].tobytes()
+                        sink.write(record)
+                        bar.update(rows.stop - rows.start)
                 entries.append(
                     {
                         "file": final.name,
-                        "count": min(shard_size, len(payload) - first),
+                        "count": end - first,
                         "first_idx": first,
                         "sha256": file_sha256(tmp),
                     }
@@ -189,6 +197,8 @@ def load_manifest(shard_dir: str | os.PathLike) -> dict:
     if need(manifest, "field", str, "") not in ENCODINGS.values():
         raise ValueError(f"{path}: field 'field' is {manifest['field']!r}")
     need(manifest, "source_hash", str, "")
+    if need(manifest, "images_per_record", int, "") < 1:
+        raise ValueError(f"{path}: field images_per_record must be >= 1")
     for split, info in need(manifest, "splits", dict, "").items():
         where = f"splits.{split}."
         count = need(info, "count", int, where)

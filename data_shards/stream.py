@@ -2,10 +2,11 @@
 
 Training (`TrainStream`): each (rank, worker) "slot" reads its share of the shards in an endless
 loop, through a seeded shuffle buffer, and yields exactly its quota of full batches, so every rank
-gets floor(n / (batch_size * world_size)) batches per epoch (DDP hangs if ranks differ). Shards
-are dealt to slots (a fresh deal per pass, from (seed, epoch)) when there are at least as many
-shards as slots; otherwise every slot reads all shards and keeps the samples with
-idx % slots == slot, so small subsets (e.g. `limit=2000`, one shard) still feed every rank.
+gets floor(n / (batch_size * world_size)) batches per epoch (DDP hangs if ranks differ). Shares:
+shards are dealt to the slots whole (a fresh deal per pass, from (seed, epoch)) as far as they go
+round; the few left over are read by every slot, which keeps the samples with
+idx % slots == slot. So shares are equal (an epoch is close to one permutation of the data) and
+small subsets (e.g. `limit=2000` inside one shard) still feed every rank.
 
 Evaluation (`EvalStream`): slot s of S gets the contiguous index range [s*n/S, (s+1)*n/S), so
 over all ranks and workers each sample is seen exactly once with no padding, whatever the shard
@@ -51,7 +52,8 @@ class SplitSpec:
     shards: tuple[Shard, ...]
     field: str  # "bits" (packed 0/1) or "u8" (intensities, binarized on the fly)
     labels: bool
-    n: int  # samples used: min(count, limit)
+    per_record: int  # images per record (WebDataset sample)
+    n: int  # images used: min(count, limit)
 
     @classmethod
     def from_manifest(cls, shard_dir, manifest: dict, split: str, limit: int | None = None):
@@ -66,7 +68,8 @@ class SplitSpec:
             for s in info["shards"]
             if s["first_idx"] < n
         )
-        return cls(split, shards, manifest["field"], bool(manifest.get("labels")), n)
+        labels = bool(manifest.get("labels"))
+        return cls(split, shards, manifest["field"], labels, manifest["images_per_record"], n)
 
 
 class Sample(NamedTuple):
@@ -75,50 +78,56 @@ class Sample(NamedTuple):
     label: int
 
 
-def read_shard(shard: Shard, field: str, labels: bool, stop: int | None = None) -> Iterator[Sample]:
-    """The samples of one shard in order, validated; stops early before index `stop`."""
-    size = PACKED_BYTES if field == "bits" else PIXELS
-    samples = wds.tarfile_samples([{"url": shard.path}])
+def read_shard(shard: Shard, spec: SplitSpec, stop: int | None = None) -> Iterator[Sample]:
+    """The images of one shard in order, validated; stops early at image index `stop`."""
+    size = PACKED_BYTES if spec.field == "bits" else PIXELS
+    end = shard.first_idx + shard.count
+    records = wds.tarfile_samples([{"url": shard.path}])
     expected, key = shard.first_idx, None
-    while stop is None or expected < stop:
+    while expected < end and (stop is None or expected < stop):
         try:
-            sample = next(samples)
+            record = next(records)
         except StopIteration:
-            break
+            raise DataError(
+                f"{shard.path}: {expected - shard.first_idx} images, the manifest says "
+                f"{shard.count} (truncated after sample key {key})"
+            ) from None
         except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as exn:
             where = f"after sample key {key}" if key is not None else "at the start"
             raise DataError(f"{shard.path}: corrupted or truncated tar {where}: {exn}") from exn
-        key = sample["__key__"]
+        key = record["__key__"]
         if key != sample_key(expected):
             raise DataError(
                 f"{shard.path}: sample key {key!r} where {sample_key(expected)!r} was expected "
                 "(samples missing, duplicated or out of order)"
             )
-        payload = sample.get(field)
+        rows = min(spec.per_record, end - expected)
+        payload = record.get(spec.field)
         if payload is None:
-            raise DataError(f"{shard.path}: sample key {key}: no {field!r} field")
-        if len(payload) != size:
+            raise DataError(f"{shard.path}: sample key {key}: no {spec.field!r} field")
+        if len(payload) != rows * size:
             raise DataError(
-                f"{shard.path}: sample key {key}: {field!r} has {len(payload)} bytes, "
-                f"expected {size}"
+                f"{shard.path}: sample key {key}: {spec.field!r} has {len(payload)} bytes, "
+                f"expected {rows} images of {size} bytes"
             )
-        label = -1
-        if labels:
-            try:
-                label = int(sample["cls"])
-            except (KeyError, ValueError) as exn:
-                raise DataError(
-                    f"{shard.path}: sample key {key}: missing or bad 'cls' label"
-                ) from exn
-        yield Sample(expected, payload, label)
-        expected += 1
-    else:
-        return  # reached `stop`: the rest of the shard is not needed
-    if expected != shard.first_idx + shard.count:
-        raise DataError(
-            f"{shard.path}: {expected - shard.first_idx} samples, the manifest says {shard.count} "
-            f"(truncated after sample key {key})"
-        )
+        labels = record.get("labels") if spec.labels else None
+        if spec.labels and (labels is None or len(labels) != rows):
+            raise DataError(f"{shard.path}: sample key {key}: missing or bad 'labels' field")
+        for row in range(rows if stop is None else min(rows, stop - expected)):
+            label = -1 if labels is None else labels[row]
+            yield Sample(expected + row, payload[row * size : (row + 1) * size], label)
+        expected += rows
+    # Nothing may follow the last image of the shard.
+    if expected == end and (stop is None or stop >= end):
+        try:
+            extra = next(records, None)
+        except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as exn:
+            raise DataError(f"{shard.path}: corrupted tar after sample key {key}: {exn}") from exn
+        if extra is not None:
+            raise DataError(
+                f"{shard.path}: unexpected sample key {extra['__key__']!r} after the "
+                f"{shard.count} images the manifest lists"
+            )
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -249,16 +258,22 @@ class TrainStream(_SplitStream):
         return self.batches_per_epoch
 
     def _pass(self, slot: int, slots: int, npass: int) -> Iterator[Sample]:
-        """One pass over this slot's share, in shard order."""
-        spec, by_shard = self.spec, len(self.spec.shards) >= slots
+        """One pass over this slot's share: dealt shards whole, plus its part of the leftovers."""
+        spec = self.spec
+        used = {shard: min(shard.count, spec.n - shard.first_idx) for shard in spec.shards}
         order = list(spec.shards)
-        if by_shard:
-            # Same permutation on every slot, so dealing it out is a partition of the shards;
-            # redrawn every pass and epoch so that no slot keeps the same shards.
-            random.Random(f"deal:{self.seed}:{self.epoch}:{npass}").shuffle(order)
-        for shard in order[slot::slots] if by_shard else order:
-            for sample in read_shard(shard, spec.field, spec.labels, stop=spec.n):
-                if by_shard or sample.idx % slots == slot:
+        # The same permutation on every slot, so that dealing it out is a partition; redrawn
+        # every pass and epoch so that no slot keeps the same shards.
+        random.Random(f"deal:{self.seed}:{self.epoch}:{npass}").shuffle(order)
+        # Full shards are dealt first, so a partial one (the split's last, or one cut by
+        # `limit`) lands among the leftovers, which are shared by sample: equal shares.
+        order.sort(key=lambda shard: used[shard] < max(used.values()))
+        dealt = len(order) // slots * slots
+        for shard in order[slot:dealt:slots]:
+            yield from read_shard(shard, spec, stop=spec.n)
+        for shard in order[dealt:]:
+            for sample in read_shard(shard, spec, stop=spec.n):
+                if sample.idx % slots == slot:
                     yield sample
 
     def _shuffled(self, slot: int, slots: int) -> Iterator[Sample]:
@@ -308,7 +323,7 @@ class EvalStream(_SplitStream):
     def _samples(self, lo: int, hi: int) -> Iterator[Sample]:
         for shard in self.spec.shards:
             if shard.first_idx < hi and shard.first_idx + shard.count > lo:
-                for sample in read_shard(shard, self.spec.field, self.spec.labels, stop=hi):
+                for sample in read_shard(shard, self.spec, stop=hi):
                     if sample.idx >= lo:
                         yield sample
 
@@ -352,8 +367,12 @@ class EpochDataLoader(BatchLoader):
         return super().__iter__()
 
 
-def _split_spec(shard_dir, split: str, limit, manifest: dict | None, verify: bool) -> SplitSpec:
+def _split_spec(
+    shard_dir, split: str, limit, manifest: dict | None, verify: bool, with_labels: bool
+) -> SplitSpec:
     manifest = manifest if manifest is not None else load_manifest(shard_dir)
+    if with_labels and not manifest.get("labels"):
+        raise ValueError(f"{Path(shard_dir) / 'manifest.json'}: these shards have no labels")
     if verify:
         verify_shards(shard_dir, manifest, [split])
     return SplitSpec.from_manifest(shard_dir, manifest, split, limit)
@@ -379,7 +398,7 @@ def train_loader(
     Each iteration is one epoch, numbered by `epoch_fn()` if given, else 0, 1, 2, ...
     """
     stream = TrainStream(
-        _split_spec(shard_dir, "train", limit, manifest, verify_sha256),
+        _split_spec(shard_dir, "train", limit, manifest, verify_sha256, with_labels),
         rank=rank,
         world_size=world_size,
         batch_size=batch_size,
@@ -407,7 +426,7 @@ def eval_loader(
     """(x, idx) batches of `split` for one rank; over all ranks and workers each sample with
     idx < limit comes exactly once, without padding. Ranks may get different batch counts."""
     stream = EvalStream(
-        _split_spec(shard_dir, split, limit, manifest, verify_sha256),
+        _split_spec(shard_dir, split, limit, manifest, verify_sha256, with_labels),
         rank=rank,
         world_size=world_size,
         batch_size=batch_size,

@@ -1,0 +1,166 @@
+"""Streaming: exactly-once evaluation, equal training batches per rank, per-epoch shuffles."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from data_shards import BinarizedMNISTDataModule, eval_loader, train_loader, write_shards
+from tests.test_data_shards import random_splits
+
+SIZES = {"train": 1000, "valid": 230, "test": 97}  # shard size 100: 10, 3 and 1 shards
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("shards")
+    splits = random_splits(SIZES)
+    write_shards(splits, directory, shard_size=100, source_hash="test", progress=False)
+    return directory, splits
+
+
+@pytest.mark.parametrize("num_workers", [0, 1, 2])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_eval_every_sample_exactly_once(shards, world_size, num_workers):
+    directory, splits = shards
+    for split, limit in (("valid", None), ("test", None), ("valid", 150)):
+        expected = SIZES[split] if limit is None else limit
+        seen = []
+        for rank in range(world_size):
+            loader = eval_loader(
+                directory,
+                split,
+                rank=rank,
+                world_size=world_size,
+                batch_size=16,
+                num_workers=num_workers,
+                limit=limit,
+            )
+            batches = list(loader)
+            assert len(batches) == len(loader)  # Lightning trusts len(): it must be exact
+            assert batches, f"rank {rank} got no work"
+            for x, idx in batches:
+                assert x.dtype == torch.float32 and x.shape == (len(idx), 784)
+                assert idx.dtype == torch.int64
+                np.testing.assert_array_equal(x.numpy(), splits[split][idx.numpy()])
+                seen.extend(idx.tolist())
+        assert sorted(seen) == list(range(expected)), (split, limit)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_train_equal_batches_per_rank(shards, world_size, num_workers):
+    directory, splits = shards
+    expected_batches = SIZES["train"] // (50 * world_size)
+    seen = []
+    for rank in range(world_size):
+        loader = train_loader(
+            directory, rank=rank, world_size=world_size, batch_size=50, num_workers=num_workers
+        )
+        batches = list(loader)
+        assert len(batches) == len(loader) == expected_batches
+        for x, idx in batches:
+            assert x.shape == (50, 784) and x.dtype == torch.float32
+            np.testing.assert_array_equal(x.numpy(), splits["train"][idx.numpy()])
+            seen.extend(idx.tolist())
+    # Ranks read disjoint shares: no sample twice within an epoch.
+    assert len(seen) == len(set(seen)) == expected_batches * 50 * world_size
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_train_limit_feeds_every_rank(shards, world_size):
+    """A subset inside one shard (fewer shards than ranks): split by sample instead."""
+    directory, _ = shards
+    seen = []
+    for rank in range(world_size):
+        loader = train_loader(directory, rank=rank, world_size=world_size, batch_size=10, limit=60)
+        batches = [idx for _, idx in loader]
+        assert len(batches) == 60 // (10 * world_size)
+        seen.extend(torch.cat(batches).tolist())
+    assert sorted(seen) == list(range(60))
+
+
+def test_train_shuffle_differs_per_epoch_and_is_seeded(shards):
+    directory, _ = shards
+
+    def epochs(seed, n=2):
+        loader = train_loader(directory, batch_size=50, shuffle_buffer=300, seed=seed)
+        return [torch.cat([idx for _, idx in loader]).tolist() for _ in range(n)]
+
+    first, second = epochs(seed=0)
+    assert first != second
+    assert sorted(first) == sorted(second) == list(range(SIZES["train"]))  # one full pass each
+    assert epochs(seed=0) == [first, second]  # reproducible
+    assert epochs(seed=1, n=1)[0] != first
+    # The epoch can also be set explicitly (e.g. when resuming).
+    loader = train_loader(directory, batch_size=50, shuffle_buffer=300, seed=0)
+    loader.set_epoch(1)
+    assert torch.cat([idx for _, idx in loader]).tolist() == second
+
+
+def test_datamodule_rank_epoch_from_trainer(shards):
+    directory, _ = shards
+    dm = BinarizedMNISTDataModule(directory, batch_size=50, eval_batch_size=40, seed=3)
+    assert dm.rank_and_world_size() == (0, 1)
+    dm.trainer = SimpleNamespace(global_rank=1, world_size=2, current_epoch=4)
+    train = dm.train_dataloader()
+    assert len(train) == SIZES["train"] // 100
+    epoch4 = [idx.tolist() for _, idx in train]
+    assert epoch4 == [idx.tolist() for _, idx in train]  # epoch comes from the trainer
+    dm.trainer.current_epoch = 5
+    assert epoch4 != [idx.tolist() for _, idx in train]
+    reference = train_loader(directory, rank=1, world_size=2, batch_size=50, seed=3)
+    reference.set_epoch(4)
+    assert epoch4 == [idx.tolist() for _, idx in reference]
+    seen = [i for _, idx in dm.val_dataloader() for i in idx.tolist()]
+    dm.trainer.global_rank = 0
+    seen += [i for _, idx in dm.val_dataloader() for i in idx.tolist()]
+    assert sorted(seen) == list(range(SIZES["valid"]))
+
+
+class _Recorder(pl.LightningModule):
+    """Records which samples each epoch's training and validation batches hold."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(784, 1)
+        self.train_idx: dict[int, list[int]] = {}
+        self.val_idx: dict[int, list[int]] = {}
+
+    def training_step(self, batch, batch_idx):
+        x, idx = batch
+        self.train_idx.setdefault(self.current_epoch, []).extend(idx.tolist())
+        return self.layer(x).mean()
+
+    def validation_step(self, batch, batch_idx):
+        x, idx = batch
+        self.val_idx.setdefault(self.current_epoch, []).extend(idx.tolist())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_lightning_fit_reshuffles_and_validates_once(shards):
+    directory, _ = shards
+    dm = BinarizedMNISTDataModule(directory, batch_size=50, train_limit=400, valid_limit=120)
+    model = _Recorder()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, datamodule=dm)
+    assert sorted(model.train_idx) == [0, 1]
+    for epoch in (0, 1):
+        assert sorted(model.train_idx[epoch]) == list(range(400))
+        assert sorted(model.val_idx[epoch]) == list(range(120))
+    assert model.train_idx[0] != model.train_idx[1]
