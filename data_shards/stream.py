@@ -93,8 +93,9 @@ def read_shard(shard: Shard, spec: SplitSpec, stop: int | None = None) -> Iterat
                 f"{shard.count} (truncated after sample key {key})"
             ) from None
         except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as exn:
-            where = f"after sample key {key}" if key is not None else "at the start"
-            raise DataError(f"{shard.path}: corrupted or truncated tar {where}: {exn}") from exn
+            where = f"after sample key {key}" if key is not None else "before the first sample"
+            detail = exn.args[0] if exn.args else exn  # webdataset appends stream/url to args
+            raise DataError(f"{shard.path}: corrupted or truncated tar {where}: {detail}") from exn
         key = record["__key__"]
         if key != sample_key(expected):
             raise DataError(
@@ -122,7 +123,10 @@ def read_shard(shard: Shard, spec: SplitSpec, stop: int | None = None) -> Iterat
         try:
             extra = next(records, None)
         except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as exn:
-            raise DataError(f"{shard.path}: corrupted tar after sample key {key}: {exn}") from exn
+            detail = exn.args[0] if exn.args else exn
+            raise DataError(
+                f"{shard.path}: corrupted tar after sample key {key}: {detail}"
+            ) from exn
         if extra is not None:
             raise DataError(
                 f"{shard.path}: unexpected sample key {extra['__key__']!r} after the "
