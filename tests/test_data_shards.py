@@ -12,7 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_shards import DataError, eval_loader, load_manifest, prepare, sources, write_shards
+from data_shards import (
+    DataError,
+    eval_loader,
+    load_manifest,
+    prepare,
+    sources,
+    train_loader,
+    write_shards,
+)
 from data_shards.cli import main as cli_main
 
 
@@ -315,3 +323,34 @@ def test_cli_prepare_and_bench(mirror, tmp_path, capsys):
     (row,) = json.loads(report.read_text())["loader"]
     assert row["num_workers"] == 0 and row["samples"] == 250 and row["samples_per_s"] > 0
     assert "samples/s" in capsys.readouterr().out
+
+
+def _pixels_by_idx(batches) -> dict[int, np.ndarray]:
+    return {
+        i: row for x, idx, *_ in batches for i, row in zip(idx.tolist(), x.numpy(), strict=True)
+    }
+
+
+def test_mnist_dynamic_binarization(idx_mirror, tmp_path):
+    directory, arrays = idx_mirror
+    out = tmp_path / "dyn"
+    manifest = prepare(out, directory, dataset="mnist_dynamic", progress=False)
+    assert manifest["binarization"] == "dynamic" and manifest["field"] == "u8"
+    intensities = arrays["train-images-idx3-ubyte"].reshape(-1, 784)[:40]
+
+    loader = train_loader(out, batch_size=10, seed=7)
+    epoch0, epoch1 = _pixels_by_idx(loader), _pixels_by_idx(loader)
+    assert sorted(epoch0) == sorted(epoch1) == list(range(40))
+    draws = np.stack([epoch0[i] for i in range(40)])
+    assert set(np.unique(draws)) <= {0.0, 1.0}
+    assert not np.array_equal(draws, np.stack([epoch1[i] for i in range(40)]))  # resampled
+    assert np.all(draws[intensities == 0] == 0) and np.all(draws[intensities == 255] == 1)
+    assert abs(draws.mean() - intensities.mean() / 255) < 0.02  # Bernoulli(intensity / 255)
+    # A function of (seed, epoch, idx) only: not of batching, workers or shuffling.
+    again = _pixels_by_idx(train_loader(out, batch_size=20, seed=7, shuffle_buffer=1))
+    assert all(np.array_equal(again[i], epoch0[i]) for i in range(40))
+
+    # Evaluation: one fixed draw, the same every time and whatever the batching.
+    first = _pixels_by_idx(eval_loader(out, "valid", batch_size=7))
+    second = _pixels_by_idx(eval_loader(out, "valid", batch_size=20, world_size=2, rank=1))
+    assert all(np.array_equal(first[i], row) for i, row in second.items())
