@@ -1,0 +1,166 @@
+"""The BiHM's public API: shapes, initialisation, seeding, checkpoints and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bihm import BiHM
+
+PAPER_SIZES = [784, 300, 200, 100, 75, 50, 35, 30, 25, 20, 15, 10, 10]
+
+
+def binary(*shape, seed=0):
+    return (torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) < 0.5).float()
+
+
+def test_paper_model_structure_and_authors_initialisation():
+    model = BiHM(PAPER_SIZES)
+    assert model.n_latent == 12
+    assert (
+        sum(p.numel() for p in model.parameters())
+        == 2 * 331_050 + sum(PAPER_SIZES[:-1]) + sum(PAPER_SIZES[1:]) + PAPER_SIZES[-1]
+    )
+    # The top prior is learned and starts at bias -1, like every other bias.
+    assert model.prior_logits.requires_grad
+    assert bool((model.prior_logits == -1).all())
+    for net in [*model.p_nets, *model.q_nets]:
+        n_out, n_in = net.weight.shape
+        bound = math.sqrt(6) / math.sqrt(n_in + n_out) / n_in
+        assert bool((net.bias == -1).all())
+        assert net.weight.abs().max().item() <= bound
+        # Uniform on [-bound, bound]: the largest draw is close to the bound, not far inside.
+        assert net.weight.abs().max().item() > 0.9 * bound
+
+
+def test_shapes_with_free_leading_dims():
+    model = BiHM([8, 5, 3])
+    x = binary(2, 4, 8)
+    hs = model.sample_q(x, K=6)
+    assert [tuple(h.shape) for h in hs] == [(2, 4, 6, 8), (2, 4, 6, 5), (2, 4, 6, 3)]
+    assert torch.equal(hs[0], x.unsqueeze(-2).expand(2, 4, 6, 8))
+    assert model.log_p(hs).shape == (2, 4, 6)
+    assert model.log_q(hs).shape == (2, 4, 6)
+    hs_p = model.sample_p(7)
+    assert [tuple(h.shape) for h in hs_p] == [(7, 8), (7, 5), (7, 3)]
+    for h in hs + hs_p:
+        assert bool(((h == 0) | (h == 1)).all())
+    log_p, log_ps = model.log_likelihood(x, K=5)
+    assert log_p.shape == log_ps.shape == (2, 4)
+    assert bool((log_p < 0).all())
+    ess = model.ess(x, K=9)
+    assert ess.pstar.shape == ess.p.shape == (2, 4)
+    assert bool(((ess.pstar >= 1 - 1e-5) & (ess.pstar <= 9 + 1e-5)).all())
+    value, sem = model.estimate_log_z2(500, inner=3)
+    assert value <= 0.5 and sem > 0
+
+
+def test_loss_returns_finite_surrogate_and_detached_diagnostics():
+    model = BiHM([8, 5, 3])
+    out = model.loss(binary(16, 8), K=4)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    for diag in (out.log_p, out.log_ptilde_star, out.ess):
+        assert not diag.requires_grad and diag.ndim == 0
+    assert 1 <= out.ess.item() <= 4
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_same_seed_same_samples():
+    model = BiHM([8, 5, 3])
+    x = binary(3, 8)
+    a = model.log_likelihood(x, K=20, generator=torch.Generator().manual_seed(7))
+    b = model.log_likelihood(x, K=20, generator=torch.Generator().manual_seed(7))
+    c = model.log_likelihood(x, K=20, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_logits_are_clamped_like_the_authors_clip():
+    """A unit with an enormous logit keeps a finite log-probability of about log(1e-6)."""
+    model = BiHM([2, 1])
+    with torch.no_grad():
+        model.prior_logits.fill_(1e4)
+    hs = [torch.zeros(1, 2), torch.zeros(1, 1)]
+    assert model.log_p(hs).item() > -40
+    assert torch.isfinite(model.log_p(hs))
+
+
+def test_save_load_round_trip(tmp_path):
+    model = BiHM([8, 5, 3])
+    with torch.no_grad():
+        model.prior_logits.add_(0.25)
+    path = tmp_path / "sub" / "model.pt"
+    model.save(path)
+    assert not list(path.parent.glob("*.tmp")), "temporary file left behind"
+    payload = torch.load(path, weights_only=True)  # plain tensors and containers only
+    assert payload["layer_sizes"] == [8, 5, 3]
+    loaded = BiHM.load(path)
+    assert loaded.layer_sizes == [8, 5, 3]
+    for (name, a), (_, b) in zip(
+        model.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    x = binary(4, 8)
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    assert torch.equal(
+        model.log_likelihood(x, 5, generator=gen())[0],
+        loaded.log_likelihood(x, 5, generator=gen())[0],
+    )
+
+
+def test_load_rejects_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        BiHM.load(tmp_path / "missing.pt")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="garbage.pt"):
+        BiHM.load(garbage)
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, other)
+    with pytest.raises(ValueError, match="not a BiHM checkpoint"):
+        BiHM.load(other)
+
+
+@pytest.mark.parametrize(
+    "sizes, match",
+    [([], "layer_sizes"), ([784], "layer_sizes"), ([784, 0], "layer_sizes")],
+)
+def test_bad_layer_sizes(sizes, match):
+    with pytest.raises(ValueError, match=match):
+        BiHM(sizes)
+
+
+def test_bad_arguments_name_the_argument():
+    model = BiHM([8, 5, 3])
+    x = binary(4, 8)
+    for K in (0, -3, 1.5):
+        with pytest.raises(ValueError, match="K must be"):
+            model.loss(x, K)
+        with pytest.raises(ValueError, match="K must be"):
+            model.log_likelihood(x, K)
+    with pytest.raises(ValueError, match="n must be"):
+        model.sample_p(0)
+    with pytest.raises(ValueError, match="x must be binary"):
+        model.loss(x * 0.5, 2)
+    with pytest.raises(ValueError, match="last dimension 8"):
+        model.sample_q(binary(4, 7), 2)
+    with pytest.raises(ValueError, match="objective"):
+        model.loss(x, 2, objective="vae")
+    with pytest.raises(ValueError, match="mask must have the shape"):
+        model.inpaint(x, torch.ones(4, 7), steps=1)
+    with pytest.raises(ValueError, match="mask must be binary"):
+        model.inpaint(x, torch.full((4, 8), 0.5), steps=1)
+    with pytest.raises(ValueError, match="inner must be"):
+        model.estimate_log_z2(10, inner=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_runs_on_cuda():
+    model = BiHM([8, 5, 3]).cuda()
+    x = binary(4, 8).cuda()
+    out = model.loss(x, 3)
+    out.loss.backward()
+    assert model.log_likelihood(x, 7)[0].device.type == "cuda"
