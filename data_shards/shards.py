@@ -267,19 +267,24 @@ def _up_to_date(out_dir: Path, identity: dict) -> dict | None:
 def _acquire(dataset: str, source: str | os.PathLike | None, out_dir: Path) -> sources.RawData:
     mnist = dataset != "binarized_mnist"
     if source is None:
-        source = os.environ.get(sources.MNIST_SOURCE_ENV if mnist else sources.SOURCE_ENV) or None
+        # $BIHM_MNIST_SOURCE first for the IDX files; $BIHM_DATA_SOURCE may name a folder
+        # holding both mirrors (binarized_mnist/ and mnist/), see below.
+        names = (sources.MNIST_SOURCE_ENV, sources.SOURCE_ENV) if mnist else (sources.SOURCE_ENV,)
+        source = next((os.environ[name] for name in names if os.environ.get(name)), None)
     if source is None:
         source = sources.MNIST_URL if mnist else sources.BINARIZED_MNIST_URL
     if sources.is_url(source):
         cache = out_dir / "download"
-        return (
-            sources.download_mnist(cache, source)
-            if mnist
-            else sources.download_binarized_mnist(cache, source)
-        )
-    if not Path(source).is_dir():
-        raise FileNotFoundError(f"{source}: data source folder does not exist")
-    return sources.load_mnist(source) if mnist else sources.load_binarized_mnist(source)
+        if mnist:
+            return sources.download_mnist(cache, source)
+        return sources.download_binarized_mnist(cache, source)
+    folder = Path(source)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: data source folder does not exist")
+    # Accept the parent of the mirrors too, e.g. shared/datasets/{binarized_mnist,mnist}/.
+    sub = folder / ("mnist" if mnist else "binarized_mnist")
+    folder = sub if sub.is_dir() else folder
+    return sources.load_mnist(folder) if mnist else sources.load_binarized_mnist(folder)
 
 
 def prepare(
@@ -293,8 +298,9 @@ def prepare(
 ) -> dict:
     """Acquire `dataset`, verify it and write shards + manifest to `out_dir`. Returns the manifest.
 
-    source: a folder (mirror), an http(s):// or file:// base URL, or None for
-    $BIHM_DATA_SOURCE ($BIHM_MNIST_SOURCE for the mnist_* data sets) and else the canonical URL.
+    source: a mirror folder (or its parent, holding binarized_mnist/ and mnist/), an http(s)://
+    or file:// base URL, or None: then $BIHM_DATA_SOURCE (for the mnist_* data sets
+    $BIHM_MNIST_SOURCE, else $BIHM_DATA_SOURCE), else a download from the canonical URL.
     dataset: "binarized_mnist" (standard static binarization), "mnist_static" (raw MNIST
     binarized once with `seed`), "mnist_dynamic" (raw intensities, resampled every epoch).
     Idempotent: with an up-to-date manifest and intact shards it does nothing and says so.

@@ -354,3 +354,12 @@ def test_mnist_dynamic_binarization(idx_mirror, tmp_path):
     first = _pixels_by_idx(eval_loader(out, "valid", batch_size=7))
     second = _pixels_by_idx(eval_loader(out, "valid", batch_size=20, world_size=2, rank=1))
     assert all(np.array_equal(first[i], row) for i, row in second.items())
+
+
+def test_source_may_be_the_parent_of_the_mirrors(idx_mirror, tmp_path, monkeypatch):
+    """e.g. BIHM_DATA_SOURCE=shared/datasets, holding binarized_mnist/ and mnist/."""
+    directory, _ = idx_mirror
+    assert directory.name == "mnist"
+    monkeypatch.setenv(sources.SOURCE_ENV, str(directory.parent))
+    manifest = prepare(tmp_path / "out", dataset="mnist_dynamic", progress=False)
+    assert manifest["splits"]["test"]["count"] == 20
