@@ -70,6 +70,23 @@ def _validate_split(split: str, images: np.ndarray, binarization: str) -> np.nda
     return images.astype(np.uint8, copy=False)
 
 
+def _validate_labels(split: str, labels: np.ndarray | None, count: int) -> None:
+    if labels is None:
+        raise DataError(f"split {split!r}: no labels given")
+    labels = np.asarray(labels)
+    if labels.shape != (count,) or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(
+            f"split {split!r}: labels of shape {labels.shape} and dtype {labels.dtype}, "
+            f"expected ({count},) integers"
+        )
+    bad = np.flatnonzero((labels < 0) | (labels > 255))
+    if bad.size:
+        raise DataError(
+            f"split {split!r}: sample {sample_key(int(bad[0]))} has label {labels[bad[0]]}, "
+            "expected 0..255"
+        )
+
+
 def write_shards(
     splits: Mapping[str, np.ndarray],
     out_dir: str | os.PathLike,
@@ -103,10 +120,21 @@ def write_shards(
     for split in checked:
         if not re.fullmatch(r"[A-Za-z0-9_]+", split):
             raise ValueError(f"split name {split!r}: use letters, digits and underscores only")
-        if labels is not None and len(labels[split]) != len(checked[split]):
-            raise DataError(
-                f"split {split!r}: {len(labels[split])} labels for {len(checked[split])} images"
-            )
+        if labels is not None:
+            _validate_labels(split, labels.get(split), len(checked[split]))
+    clash = set(metadata or {}) & {
+        "format",
+        "field",
+        "binarization",
+        "pixels",
+        "labels",
+        "shard_size",
+        "images_per_record",
+        "source_hash",
+        "splits",
+    }
+    if clash:
+        raise ValueError(f"metadata may not set {sorted(clash)}")
 
     per_record = min(images_per_record, shard_size)
     token = secrets.token_hex(4)
@@ -253,15 +281,17 @@ def _expected_identity(dataset: str, shard_size: int, seed: int) -> dict:
     return identity
 
 
-def _up_to_date(out_dir: Path, identity: dict) -> dict | None:
+def _up_to_date(out_dir: Path, identity: dict) -> tuple[dict | None, str]:
+    """The manifest if `out_dir` already holds what `identity` asks for, else why not."""
     try:
         manifest = load_manifest(out_dir)
         verify_shards(out_dir, manifest)
-    except (OSError, ValueError):
-        return None
-    if any(manifest.get(key) != value for key, value in identity.items()):
-        return None
-    return manifest
+    except (OSError, ValueError) as exn:
+        return None, str(exn)
+    for key, value in identity.items():
+        if manifest.get(key) != value:
+            return None, f"{out_dir / MANIFEST}: {key} is {manifest.get(key)!r}, want {value!r}"
+    return manifest, ""
 
 
 def _acquire(dataset: str, source: str | os.PathLike | None, out_dir: Path) -> sources.RawData:
@@ -309,9 +339,12 @@ def prepare(
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
     out_dir = Path(out_dir)
     identity = _expected_identity(dataset, shard_size, seed)
-    if (manifest := _up_to_date(out_dir, identity)) is not None:
+    manifest, reason = _up_to_date(out_dir, identity)
+    if manifest is not None:
         print(f"{out_dir / MANIFEST}: up to date ({dataset}), nothing to do")
         return manifest
+    if (out_dir / MANIFEST).exists():
+        print(f"rewriting the shards: {reason}")
 
     raw = _acquire(dataset, source, out_dir)
     splits, binarization = raw.splits, "static"

@@ -168,8 +168,11 @@ def fetch(url: str, dest: Path, verify) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
-            shutil.copyfileobj(response, out, length=1 << 20)
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
+                shutil.copyfileobj(response, out, length=1 << 20)
+        except OSError as exn:  # URLError and HTTPError are OSErrors; name the URL
+            raise OSError(f"{url}: download failed ({exn})") from exn
         verify(tmp)
         os.replace(tmp, dest)
     finally:

@@ -19,6 +19,7 @@ from data_shards import (
     prepare,
     sources,
     train_loader,
+    verify_shards,
     write_shards,
 )
 from data_shards.cli import main as cli_main
@@ -363,3 +364,31 @@ def test_source_may_be_the_parent_of_the_mirrors(idx_mirror, tmp_path, monkeypat
     monkeypatch.setenv(sources.SOURCE_ENV, str(directory.parent))
     manifest = prepare(tmp_path / "out", dataset="mnist_dynamic", progress=False)
     assert manifest["splits"]["test"]["count"] == 20
+
+
+def test_download_failure_names_the_url(http_mirror, tmp_path):
+    url, served, _ = http_mirror
+    (served / "binarized_mnist_valid.amat").unlink()
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match=rf"{url}binarized_mnist_valid\.amat: download failed"):
+        prepare(out, url, progress=False)
+    assert [p.name for p in (out / "download").iterdir() if "valid" in p.name] == []
+
+
+def test_prepare_rewrites_tampered_shards(mirror, tmp_path, capsys):
+    source, _ = mirror
+    out = tmp_path / "out"
+    prepare(out, source, shard_size=100, progress=False)
+    (out / "train-000001.tar").write_bytes(b"tampered")
+    capsys.readouterr()
+    prepare(out, source, shard_size=100, progress=False)
+    assert "rewriting the shards: " in capsys.readouterr().out
+    verify_shards(out, load_manifest(out))
+
+
+def test_write_shards_rejects_bad_labels(tmp_path):
+    splits = random_splits({"train": 5})
+    with pytest.raises(DataError, match=r"'train': sample 00000003 has label 300"):
+        write_shards(splits, tmp_path, source_hash="x", labels={"train": [1, 2, 3, 300, 4]})
+    with pytest.raises(DataError, match=r"'train': no labels given"):
+        write_shards(splits, tmp_path, source_hash="x", labels={"test": [1]})
