@@ -195,6 +195,7 @@ class BiHMModule(pl.LightningModule):
         # Set by `bihm validate` to run the Gibbs metrics whatever the epoch.
         self.force_gibbs = False
         self._train_sums: Tensor | None = None
+        self._train_sums_epoch = -1
         self._val_sums: Tensor | None = None
         self._test_sums: Tensor | None = None
         self._step_bad = False
@@ -273,12 +274,16 @@ class BiHMModule(pl.LightningModule):
                 self.log(key, value, prog_bar=key in prog_bar, sync_dist=False)
 
     # ------------------------------------------------------------------ training
-    def on_train_epoch_start(self) -> None:
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Set every step (not only at epoch start: Lightning skips the epoch-start hooks
+        # when it resumes from a checkpoint written at an epoch end).
         lr = self.lr_at(self.current_epoch)
         for opt in self.trainer.optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr
-        self._train_sums = self._zeros(5)
+        if self._train_sums is None or self._train_sums_epoch != self.current_epoch:
+            self._train_sums = self._zeros(5)
+            self._train_sums_epoch = self.current_epoch
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x, _ = batch
@@ -355,7 +360,11 @@ class BiHMModule(pl.LightningModule):
         if self.trainer.sanity_checking:
             return
         v = self.val_cfg
-        fitting = self.trainer.state.fn == "fit" and self._train_sums is not None
+        fitting = (
+            self.trainer.state.fn == "fit"
+            and self._train_sums is not None
+            and self._train_sums_epoch == self.current_epoch
+        )
         sums = torch.cat([self._val_sums, self._train_sums if fitting else self._zeros(5)])
         sums = self._reduce_sum(sums).tolist()
         n = sums[0]

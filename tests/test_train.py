@@ -1,0 +1,269 @@
+"""`bihm train` end to end on small generated shards: learning, run folder, schedules,
+non-finite loss, and resume after a hard kill mid-epoch."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from pytorch_lightning.callbacks import Callback
+
+from bihm.lightning import BiHMModule, NonFiniteLossError
+from pipeline.config import config_from_dict
+from pipeline.train import TrainingError, run_training
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS_PER_EPOCH = 8  # 800 training images, batches of 100
+
+
+def make_shards(out_dir: Path, n_train=800, n_valid=200, n_test=200, seed=0) -> Path:
+    """Learnable binary 'digits': noisy copies of 6 random prototypes."""
+    from data_shards import write_shards
+
+    rng = np.random.default_rng(seed)
+    protos = rng.random((6, 784)) < 0.25
+
+    def split(n):
+        x = protos[rng.integers(0, len(protos), n)]
+        flip = rng.random((n, 784)) < 0.03
+        return (x ^ flip).astype(np.uint8)
+
+    data = {"train": split(n_train), "valid": split(n_valid), "test": split(n_test)}
+    write_shards(data, out_dir, shard_size=500, source_hash="test-generated", progress=False)
+    return out_dir
+
+
+def tiny_config(shard_dir: Path, run_dir: Path, **sections) -> dict:
+    cfg = {
+        "name": "tiny",
+        "seed": 3,
+        "run_dir": str(run_dir),
+        "model": {"layers": [784, 16, 8]},
+        "data": {
+            "shard_dir": str(shard_dir),
+            "batch_size": 100,
+            "eval_batch_size": 64,
+            "shuffle_buffer": 200,
+        },
+        "train": {"K": 5, "max_epochs": 3, "accelerator": "cpu", "log_every_n_steps": 4},
+        "optim": {"lr": 0.01},
+        "validation": {
+            "K": 20,
+            "z_samples": 1000,
+            "z_chunk": 250,
+            "gibbs": {
+                "every_n_epochs": 2,
+                "examples": 6,
+                "steps": 2,
+                "proposals": 20,
+                "inner": 4,
+                "chains": 2,
+            },
+        },
+        "samples": {"every_n_epochs": 2, "n": 9, "gibbs_steps": 2, "proposals": 10, "inner": 4},
+        "logging": {"wandb": "off", "progress_bar": False},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            cfg.setdefault(section, {}).update(values)
+        else:
+            cfg[section] = values
+    return cfg
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return make_shards(tmp_path_factory.mktemp("shards"))
+
+
+def test_train_end_to_end_improves_and_writes_the_run_folder(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = config_from_dict(
+        tiny_config(
+            shards, run_dir, optim={"lr": 0.01, "switch": {"epoch": 2, "K": 10, "lr": 3e-3}}
+        )
+    )
+    result = run_training(cfg)
+    rows = read_metrics(run_dir)
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    first, last = float(rows[0]["val/log_ptilde_star"]), float(rows[-1]["val/log_ptilde_star"])
+    assert last > first + 5, (first, last)
+    for r in rows:  # log p* = log p~* - 2 log Z, and log p~* <= log p (Bhattacharyya bound)
+        lpt, z = float(r["val/log_ptilde_star"]), float(r["val/two_log_z"])
+        assert float(r["val/log_pstar"]) == pytest.approx(lpt - z)
+        assert lpt <= float(r["val/log_p"]) + 1e-6
+        assert float(r["val/n"]) == 200
+    # The K and lr switch at epoch 2 ("continue with larger K").
+    assert [float(r["train/K"]) for r in rows] == [5, 5, 10]
+    assert [float(r["train/lr"]) for r in rows] == pytest.approx([0.01, 0.01, 3e-3])
+    # Gibbs validation every 2 epochs: both error rates in [0, 1] at epoch 1 only.
+    assert rows[0]["val/gibbs_error"] == "" and rows[2]["val/gibbs_error"] == ""
+    assert 0 <= float(rows[1]["val/gibbs_error"]) <= 1
+    assert 0 <= float(rows[1]["val/recon_error"]) <= 1
+    # Run folder.
+    assert yaml.safe_load((run_dir / "config.yaml").read_text()) == cfg.to_dict()
+    assert (run_dir / "curves.png").stat().st_size > 0
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["epoch_0001.png"]
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert "last.ckpt" in ckpts and any(p.startswith("best-epoch") for p in ckpts), ckpts
+    assert result["best"] == pytest.approx(max(float(r["val/log_ptilde_star"]) for r in rows))
+    # Checkpoints load with weights_only=True and hold the config as plain types.
+    payload = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert payload["hyper_parameters"]["config"] == cfg.to_dict()
+    assert payload["epoch"] == 2
+    # Refuses to clobber a finished run without --resume.
+    with pytest.raises(TrainingError, match="--resume"):
+        run_training(cfg)
+
+
+class PoisonAt(Callback):
+    """Sets a weight to NaN before the given global step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.model.q_nets[0].weight[0, 0] = math.nan
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = config_from_dict(tiny_config(shards, run_dir))
+    bad_step = STEPS_PER_EPOCH + 3  # epoch 1, after epoch 0's checkpoint
+    with pytest.raises(NonFiniteLossError) as err:
+        run_training(cfg, extra_callbacks=[PoisonAt(bad_step)])
+    message = str(err.value)
+    assert f"global step {bad_step}" in message and "epoch 1" in message, message
+    payload = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert payload["epoch"] == 0 and payload["global_step"] == STEPS_PER_EPOCH
+    assert all(torch.isfinite(v).all() for v in payload["state_dict"].values())
+    assert [int(r["epoch"]) for r in read_metrics(run_dir)] == [0]
+
+
+def test_resume_without_checkpoint_is_a_clear_error(shards, tmp_path):
+    cfg = config_from_dict(tiny_config(shards, tmp_path / "run"))
+    with pytest.raises(TrainingError, match="no checkpoint to resume from"):
+        run_training(cfg, resume=True)
+
+
+def test_schedules_are_pure_functions_of_the_epoch():
+    cfg = config_from_dict(
+        {
+            "optim": {
+                "lr": 1e-3,
+                "schedule": "step",
+                "gamma": 0.5,
+                "step_size": 10,
+                "switch": {"epoch": 25, "K": 100, "lr": 4e-4},
+            },
+            "train": {"K": 10, "max_epochs": 100},
+        }
+    ).to_dict()
+    m = BiHMModule(cfg)
+    assert [m.K_at(e) for e in (0, 24, 25, 99)] == [10, 10, 100, 100]
+    assert m.lr_at(0) == pytest.approx(1e-3) and m.lr_at(10) == pytest.approx(5e-4)
+    assert m.lr_at(25) == pytest.approx(4e-4 * 0.25)
+    cfg["optim"].update(schedule="cosine", min_factor=0.1, switch={"epoch": None})
+    m = BiHMModule(cfg)
+    assert m.lr_at(0) == pytest.approx(1e-3) and m.lr_at(100) == pytest.approx(1e-4)
+    assert m.lr_at(50) == pytest.approx(0.55e-3)
+
+
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    import yaml
+    from pytorch_lightning.callbacks import Callback
+    from pipeline.config import config_from_dict
+    from pipeline.train import run_training
+
+    class KillAt(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == int(sys.argv[2]):
+                os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no checkpoint
+
+    cfg = config_from_dict(yaml.safe_load(open(sys.argv[1])))
+    run_training(cfg, extra_callbacks=[KillAt()])
+    """
+)
+
+
+def test_resume_after_kill_mid_epoch_ends_where_an_uninterrupted_run_does(shards, tmp_path):
+    epochs = 4
+    full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
+    # An lr schedule and a K switch in the killed epoch: both must survive the resume.
+    optim = {"lr": 0.01, "schedule": "exponential", "gamma": 0.8, "switch": {"epoch": 2, "K": 8}}
+    full = config_from_dict(
+        tiny_config(shards, full_dir, train={"max_epochs": epochs}, optim=optim)
+    )
+    run_training(full)
+
+    killed = tiny_config(shards, killed_dir, train={"max_epochs": epochs}, optim=optim)
+    (tmp_path / "killed.yaml").write_text(yaml.safe_dump(killed))
+    (tmp_path / "killer.py").write_text(KILLER)
+    kill_step = 2 * STEPS_PER_EPOCH + 3  # in the middle of epoch 2
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(tmp_path / "killer.py"),
+            str(tmp_path / "killed.yaml"),
+            str(kill_step),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    # Lost at most the work since the last checkpoint: the end of epoch 1.
+    last = torch.load(killed_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (1, 2 * STEPS_PER_EPOCH)
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "train", "--run-dir", str(killed_dir), "--resume"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    a = torch.load(full_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(killed_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (
+        (b["epoch"], b["global_step"])
+        == (a["epoch"], a["global_step"])
+        == (epochs - 1, epochs * STEPS_PER_EPOCH)
+    )
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=1e-6, msg=key)
+    # Adam's moments were restored too (they enter every later step).
+    exp_avg = [s["exp_avg_sq"] for s in b["optimizer_states"][0]["state"].values()]
+    ref = [s["exp_avg_sq"] for s in a["optimizer_states"][0]["state"].values()]
+    for x, y in zip(exp_avg, ref, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-9)
+    rows_a, rows_b = read_metrics(full_dir), read_metrics(killed_dir)
+    assert [r["epoch"] for r in rows_b] == [str(e) for e in range(epochs)]
+    assert [float(r["train/K"]) for r in rows_b] == [5, 5, 8, 8]
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        for key in ("train/lr", "train/loss", "val/log_ptilde_star", "val/two_log_z"):
+            assert float(rb[key]) == pytest.approx(float(ra[key]), rel=1e-6, abs=1e-6), key
