@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -164,3 +165,42 @@ def test_lightning_fit_reshuffles_and_validates_once(shards):
         assert sorted(model.train_idx[epoch]) == list(range(400))
         assert sorted(model.val_idx[epoch]) == list(range(120))
     assert model.train_idx[0] != model.train_idx[1]
+
+
+class _FileRecorder(_Recorder):
+    """Writes what each rank saw per epoch to out_dir (spawned processes share no memory)."""
+
+    def __init__(self, out_dir: str):
+        super().__init__()
+        self.out_dir = out_dir
+
+    def on_train_epoch_end(self):
+        path = f"{self.out_dir}/rank{self.global_rank}-epoch{self.current_epoch}.json"
+        with open(path, "w") as f:
+            json.dump({"train": self.train_idx, "val": self.val_idx}, f)
+
+
+@pytest.mark.slow
+def test_lightning_ddp_two_ranks(shards, tmp_path):
+    """Real DDP (gloo, 2 CPU processes): equal train batches, disjoint shares, exact validation."""
+    directory, _ = shards
+    dm = BinarizedMNISTDataModule(directory, batch_size=50, valid_limit=150, num_workers=1)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(_FileRecorder(str(tmp_path)), datamodule=dm)
+    for epoch in (0, 1):
+        ranks = [json.loads((tmp_path / f"rank{r}-epoch{epoch}.json").read_text()) for r in (0, 1)]
+        train = [r["train"][str(epoch)] for r in ranks]
+        assert len(train[0]) == len(train[1]) == SIZES["train"] // 2
+        assert sorted(train[0] + train[1]) == list(range(SIZES["train"]))
+        val = [i for r in ranks for i in r["val"].get(str(epoch), [])]
+        assert sorted(val) == list(range(150))
