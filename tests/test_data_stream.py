@@ -123,6 +123,20 @@ def test_datamodule_rank_epoch_from_trainer(shards):
     assert sorted(seen) == list(range(SIZES["valid"]))
 
 
+def _quiet_trainer(**kwargs) -> pl.Trainer:
+    """Two epochs on CPU, without logs, checkpoints or sanity validation."""
+    return pl.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kwargs,
+    )
+
+
 class _Recorder(pl.LightningModule):
     """Records which samples each epoch's training and validation batches hold."""
 
@@ -149,17 +163,7 @@ def test_lightning_fit_reshuffles_and_validates_once(shards):
     directory, _ = shards
     dm = BinarizedMNISTDataModule(directory, batch_size=50, train_limit=400, valid_limit=120)
     model = _Recorder()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(model, datamodule=dm)
+    _quiet_trainer(devices=1).fit(model, datamodule=dm)
     assert sorted(model.train_idx) == [0, 1]
     for epoch in (0, 1):
         assert sorted(model.train_idx[epoch]) == list(range(400))
@@ -185,17 +189,7 @@ def test_lightning_ddp_two_ranks(shards, tmp_path):
     """Real DDP (gloo, 2 CPU processes): equal train batches, disjoint shares, exact validation."""
     directory, _ = shards
     dm = BinarizedMNISTDataModule(directory, batch_size=50, valid_limit=150, num_workers=1)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = _quiet_trainer(devices=2, strategy="ddp_spawn")
     trainer.fit(_FileRecorder(str(tmp_path)), datamodule=dm)
     for epoch in (0, 1):
         ranks = [json.loads((tmp_path / f"rank{r}-epoch{epoch}.json").read_text()) for r in (0, 1)]
