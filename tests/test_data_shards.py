@@ -392,3 +392,11 @@ def test_write_shards_rejects_bad_labels(tmp_path):
         write_shards(splits, tmp_path, source_hash="x", labels={"train": [1, 2, 3, 300, 4]})
     with pytest.raises(DataError, match=r"'train': no labels given"):
         write_shards(splits, tmp_path, source_hash="x", labels={"test": [1]})
+
+
+def test_mnist_download_from_file_url(idx_mirror, tmp_path):
+    directory, _ = idx_mirror
+    out = tmp_path / "out"
+    manifest = prepare(out, directory.as_uri(), dataset="mnist_static", progress=False)
+    assert manifest["splits"]["train"]["count"] == 40
+    assert len(list((out / "download").glob("*-ubyte.gz"))) == 4
