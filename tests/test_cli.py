@@ -1,0 +1,126 @@
+"""The `bihm` command line: sub-commands, clear errors, DDP training with 2 gloo processes,
+and (slow) configs/smoke.yaml end to end on the real data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.cli import build_parser, main
+from tests.test_train import make_shards, tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_sub_commands_exist():
+    text = build_parser().format_help()
+    for name in ("data", "train", "eval", "validate", "sample", "inpaint"):
+        assert name in text
+
+
+def test_bad_config_exits_2_naming_the_key(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"optim": {"lr": 1e-3, "momentum": 0.9}}))
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "'optim.momentum'" in err and "unknown key" in err
+    # Without --config the paper config is used, and --set errors name the key too.
+    assert main(["train", "--set", "train.K=zero"]) == 2
+    err = capsys.readouterr().err
+    assert "bmnist_paper.yaml" in err and "'train.K'" in err
+
+
+def test_resume_without_a_run_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "--run-dir", str(tmp_path / "nothing"), "--resume"]) == 2
+    assert "config.yaml not found" in capsys.readouterr().err
+
+
+def test_ddp_training_with_two_gloo_processes(tmp_path):
+    """`bihm train --devices 2` on CPU; its validation numbers equal a 1-process validation."""
+    shards = make_shards(tmp_path / "shards")
+    cfg = tiny_config(shards, tmp_path / "run", train={"max_epochs": 2})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "train",
+            "--config",
+            str(tmp_path / "c.yaml"),
+            "--devices",
+            "2",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("bihm train: done after 2 epochs") == 1  # printed by rank 0 only
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    assert float(rows[-1]["val/n"]) == 200  # both ranks' shares, each example once
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert (
+        main(
+            [
+                "validate",
+                "--checkpoint",
+                str(ckpt),
+                "--json",
+                str(tmp_path / "v.json"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    one = json.loads((tmp_path / "v.json").read_text())
+    for key in ("val/log_p", "val/log_ptilde_star", "val/two_log_z", "val/gibbs_error"):
+        assert float(rows[-1][key]) == pytest.approx(one[key], rel=1e-7), key
+
+
+@pytest.mark.slow
+def test_smoke_config_trains_on_real_data_and_improves(tmp_path):
+    source = os.environ.get("BIHM_DATA_SOURCE")
+    assert source and Path(source).is_dir(), "set BIHM_DATA_SOURCE to the binarized MNIST folder"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    start = time.time()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "train",
+            "--config",
+            str(ROOT / "configs" / "smoke.yaml"),
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--set",
+            f"data.shard_dir={tmp_path / 'shards'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "has no shard manifest; preparing" in proc.stderr
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    first, last = (float(r["val/log_ptilde_star"]) for r in (rows[0], rows[-1]))
+    print(f"smoke: val log p~* {first:.2f} -> {last:.2f} in {time.time() - start:.0f} s")
+    assert last > first + 10
+    assert (tmp_path / "run" / "samples").is_dir() and (tmp_path / "run" / "curves.png").is_file()

@@ -1,0 +1,287 @@
+"""Exact distributed evaluation: 1 and 2 DDP processes give the same numbers; the eval JSON
+schema; sample and inpaint pictures; BiHM.save files as checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bihm.lightning import (
+    combine_log_z2,
+    log_z2_partial,
+    per_example_log_likelihood,
+)
+from bihm.model import BiHM
+from pipeline.cli import main
+from pipeline.config import config_from_dict
+from pipeline.train import run_training
+from tests.test_train import make_shards, tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A checkpoint of the tiny model after one epoch on generated shards."""
+    tmp = tmp_path_factory.mktemp("eval")
+    shards = make_shards(tmp / "shards", n_valid=150, n_test=90)
+    cfg = tiny_config(shards, tmp / "run", train={"max_epochs": 1})
+    cfg["validation"].update(z_samples=700, z_chunk=200)  # 4 chunks, the last one short
+    run_training(config_from_dict(cfg))
+    return tmp / "run" / "checkpoints" / "last.ckpt"
+
+
+def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def _assert_same_numbers(a, b, path=""):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            _assert_same_numbers(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, float):
+        # float32 per-example values, float64 sums added in another order; the sem formula
+        # (sum of squares minus n mean^2) magnifies the last bits of the mean.
+        assert math.isclose(a, b, rel_tol=1e-7, abs_tol=1e-9), (path, a, b)
+    else:
+        assert a == b, (path, a, b)
+
+
+# --------------------------------------------------------------------------- unit level
+def test_log_z_chunks_combine_exactly_across_any_rank_count():
+    torch.manual_seed(0)
+    model = BiHM([784, 12, 6])
+    one = log_z2_partial(model, 1000, 5, 128, seed=7)
+    three = torch.stack([log_z2_partial(model, 1000, 5, 128, 7, r, 3) for r in range(3)])
+    z1, z3 = combine_log_z2(one, 1000), combine_log_z2(three, 1000)
+    assert z1[0] == pytest.approx(z3[0], abs=1e-12) and z1[1] == pytest.approx(z3[1], rel=1e-9)
+    # ... and it is the mean of the Eq. 7 terms, in log space.
+    terms = torch.cat(
+        [
+            model.log_z2_terms(min(128, 1000 - c * 128), 5, generator=_gen(7, c)).double()
+            for c in range(8)
+        ]
+    )
+    assert z1[0] == pytest.approx(float(torch.logsumexp(terms, 0) - math.log(1000)), abs=1e-9)
+
+
+def _gen(seed, chunk):
+    from bihm.lightning import _Z, make_generator
+
+    return make_generator("cpu", seed, _Z, chunk)
+
+
+def test_per_example_estimates_do_not_depend_on_batching():
+    torch.manual_seed(0)
+    model = BiHM([784, 12, 6])
+    x = (torch.rand(10, 784) < 0.3).float()
+    idx = torch.arange(100, 110)
+    lp, lpt = per_example_log_likelihood(model, x, idx, 7, seed=3)
+    perm = torch.randperm(10)
+    lp2, lpt2 = per_example_log_likelihood(model, x[perm], idx[perm], 7, seed=3)
+    torch.testing.assert_close(lp2, lp[perm], rtol=0, atol=0)
+    torch.testing.assert_close(lpt2, lpt[perm], rtol=0, atol=0)
+    assert (lpt <= lp + 1e-9).all()
+    # Another seed gives other samples.
+    assert not torch.equal(per_example_log_likelihood(model, x, idx, 7, seed=4)[0], lp)
+
+
+# --------------------------------------------------------------------------- 1 vs 2 processes
+def test_validation_metrics_from_two_ddp_processes_equal_one_process(trained, tmp_path):
+    assert (
+        main(
+            [
+                "validate",
+                "--checkpoint",
+                str(trained),
+                "--json",
+                str(tmp_path / "one.json"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    _run_cli(
+        [
+            "validate",
+            "--checkpoint",
+            str(trained),
+            "--devices",
+            "2",
+            "--json",
+            str(tmp_path / "two.json"),
+            "--no-progress",
+        ],
+        tmp_path,
+    )
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert one["val/n"] == 150.0  # every validation example exactly once
+    assert {
+        "val/log_p",
+        "val/log_ptilde_star",
+        "val/two_log_z",
+        "val/log_pstar",
+        "val/gibbs_error",
+        "val/recon_error",
+    } <= one.keys()
+    _assert_same_numbers(one, two)
+    # The training run validated the same weights with the same seeds: same numbers again.
+    import csv
+
+    with open(trained.parent.parent / "metrics.csv") as f:
+        row = list(csv.DictReader(f))[-1]
+    for key in ("val/log_p", "val/log_ptilde_star", "val/two_log_z"):
+        assert float(row[key]) == pytest.approx(one[key], rel=1e-9), key
+
+
+def test_eval_json_schema_and_two_processes(trained, tmp_path):
+    common = [
+        "eval",
+        "--checkpoint",
+        str(trained),
+        "--split",
+        "test",
+        "--samples",
+        "1,10,50",
+        "--z-samples",
+        "3000",
+        "--z-chunk",
+        "700",
+        "--batch-size",
+        "32",
+        "--no-progress",
+    ]
+    assert main([*common, "--json", str(tmp_path / "one.json")]) == 0
+    proc = _run_cli([*common, "--devices", "2", "--json", str(tmp_path / "two.json")], tmp_path)
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    for key in ("log_p", "log_ptilde_star", "log_pstar"):
+        assert list(one[key]) == ["1", "10", "50"]
+        for entry in one[key].values():
+            assert set(entry) == {"mean", "sem"} and entry["sem"] > 0
+    assert set(one["two_log_z"]) == {"value", "sem", "n"} and one["two_log_z"]["n"] == 3000
+    assert one["n_examples"] == 90 and (one["processes"], two["processes"]) == (1, 2)
+    # Estimates tighten with K (stochastic lower bounds); log p* = log p~* - 2 log Z.
+    means = [one["log_ptilde_star"][k]["mean"] for k in ("1", "10", "50")]
+    assert means[0] < means[1] < means[2]
+    for k in ("1", "10", "50"):
+        assert one["log_pstar"][k]["mean"] == pytest.approx(
+            one["log_ptilde_star"][k]["mean"] - one["two_log_z"]["value"]
+        )
+    one.pop("processes"), two.pop("processes")
+    _assert_same_numbers(one, two)
+    assert "log p~*" in proc.stdout and "2 log Z" in proc.stdout  # the table, from rank 0 only
+    assert proc.stdout.count("2 log Z") == 1
+
+
+# --------------------------------------------------------------------------- pictures, files
+def test_sample_and_inpaint_write_pictures(trained, tmp_path):
+    out = tmp_path / "samples.png"
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(trained),
+                "--n",
+                "9",
+                "--gibbs-steps",
+                "3",
+                "--proposals",
+                "10",
+                "--inner",
+                "3",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = tmp_path / "inpaint.png"
+    assert (
+        main(
+            [
+                "inpaint",
+                "--checkpoint",
+                str(trained),
+                "--mask",
+                "left",
+                "--digits",
+                "3",
+                "--chains",
+                "2",
+                "--steps",
+                "2",
+                "--proposals",
+                "10",
+                "--inner",
+                "3",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_accepts_a_bihm_save_file(trained, tmp_path):
+    payload = torch.load(trained, weights_only=True)
+    model = BiHM(payload["hyper_parameters"]["config"]["model"]["layers"])
+    model.load_state_dict({k[len("model.") :]: v for k, v in payload["state_dict"].items()})
+    model.save(tmp_path / "model.pt")
+    shard_dir = payload["hyper_parameters"]["config"]["data"]["shard_dir"]
+    args = [
+        "eval",
+        "--checkpoint",
+        str(tmp_path / "model.pt"),
+        "--set",
+        f"data.shard_dir={shard_dir}",
+        "--set",
+        "train.accelerator=cpu",
+        "--samples",
+        "5",
+        "--z-samples",
+        "500",
+        "--z-chunk",
+        "500",
+        "--no-progress",
+    ]
+    assert main([*args, "--json", str(tmp_path / "a.json")]) == 0
+    args[2] = str(trained)
+    assert main([*args, "--json", str(tmp_path / "b.json")]) == 0
+    a = json.loads((tmp_path / "a.json").read_text())
+    b = json.loads((tmp_path / "b.json").read_text())
+    a.pop("checkpoint"), b.pop("checkpoint")
+    _assert_same_numbers(a, b)  # same weights, same seeds: same numbers
+
+
+def test_eval_on_a_non_checkpoint_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("hello")
+    assert main(["eval", "--checkpoint", str(bad)]) == 2
+    assert "not a readable checkpoint" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing.ckpt")]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
