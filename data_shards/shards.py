@@ -351,7 +351,7 @@ def prepare(
     if dataset == "mnist_static":
         # A different stream per split so that train and valid do not share noise patterns.
         splits = {
-            name: sources.binarize_static(images, seed=seed * 1000 + i)
+            name: sources.binarize_static(images, seed=seed, stream=i)
             for i, (name, images) in enumerate(raw.splits.items())
         }
     elif dataset == "mnist_dynamic":
@@ -359,8 +359,7 @@ def prepare(
     metadata = {
         key: value for key, value in identity.items() if key not in ("source_hash", "shard_size")
     }
-    metadata["seed"] = seed
-    metadata["content_sha256"] = raw.content_sha256
+    metadata["content_sha256"] = raw.content_sha256  # of the decoded source splits
     manifest = write_shards(
         splits,
         out_dir,

@@ -253,7 +253,8 @@ def load_mnist(directory: str | os.PathLike) -> RawData:
                 f"{directory}: {split} has {len(splits[split])} images but "
                 f"{len(split_labels[split])} labels"
             )
-    return RawData(splits, mnist_source_hash(), labels=split_labels)
+    hashes = {split: array_sha256(images) for split, images in splits.items()}
+    return RawData(splits, mnist_source_hash(), labels=split_labels, content_sha256=hashes)
 
 
 def download_mnist(cache_dir: str | os.PathLike, base_url: str = MNIST_URL) -> RawData:
@@ -276,7 +277,9 @@ def _verify_idx_download(tmp: Path, stem: str) -> None:
         raise DataError(f"{stem}.gz: md5 {digest} does not match the known {MNIST_MD5[stem]}")
 
 
-def binarize_static(images: np.ndarray, seed: int) -> np.ndarray:
-    """Seeded Bernoulli(intensity / 255) sample of each pixel, once (static binarization)."""
-    rng = np.random.default_rng(seed)
+def binarize_static(images: np.ndarray, seed: int, stream: int = 0) -> np.ndarray:
+    """Seeded Bernoulli(intensity / 255) sample of each pixel, once (static binarization).
+
+    `stream` gives independent draws for the same seed (one per split)."""
+    rng = np.random.default_rng([seed, stream])
     return (rng.random(images.shape, dtype=np.float32) * 255.0 < images).astype(np.uint8)
