@@ -50,6 +50,9 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
         self.verify_sha256 = verify_sha256
         self.manifest: dict | None = None
         self._verified = False
+        # A tiny evaluation subset may leave some ranks without a sample (e.g. valid_limit=1
+        # on 2 ranks); that is correct here, so Lightning must not refuse it.
+        self.allow_zero_length_dataloader_with_multiple_devices = True
 
     def setup(self, stage: str | None = None) -> None:
         if self.manifest is None:
