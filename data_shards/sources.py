@@ -107,12 +107,18 @@ def parse_amat(raw: bytes, name: str) -> np.ndarray:
         while end < buf.size and tokens[end]:
             end += 1
         value = raw[start:end].decode(errors="replace")
-        raise DataError(f"{name}: line {int(line_of[pos]) + 1}: non-binary value {value!r}")
+        line = int(line_of[pos])
+        raise DataError(
+            f"{name}: line {line + 1}: non-binary value {value!r} (sample key {line:08d})"
+        )
     per_line = np.bincount(line_of[tokens], minlength=int(line_of[-1]) + 1)
     wrong = np.flatnonzero((per_line > 0) & (per_line != PIXELS))
     if wrong.size:
         line = int(wrong[0])
-        raise DataError(f"{name}: line {line + 1}: {per_line[line]} values, expected {PIXELS}")
+        raise DataError(
+            f"{name}: line {line + 1}: {per_line[line]} values, expected {PIXELS} "
+            f"(sample key {line:08d})"
+        )
     if not per_line.any():
         raise DataError(f"{name}: no data")
     return (buf[tokens] - ord("0")).reshape(-1, PIXELS)

@@ -400,3 +400,15 @@ def test_mnist_download_from_file_url(idx_mirror, tmp_path):
     manifest = prepare(out, directory.as_uri(), dataset="mnist_static", progress=False)
     assert manifest["splits"]["train"]["count"] == 40
     assert len(list((out / "download").glob("*-ubyte.gz"))) == 4
+
+
+def test_prepare_rejects_wrong_size_source_line(mirror, tmp_path):
+    source, _ = mirror
+    path = source / "binarized_mnist_valid.amat"
+    lines = path.read_text().splitlines(keepends=True)
+    lines[2] = lines[2][2:]  # one value short
+    path.write_text("".join(lines))
+    with pytest.raises(
+        DataError, match=r"valid\.amat: line 3: 783 values, expected 784 \(sample key 00000002\)"
+    ):
+        prepare(tmp_path / "out", source, progress=False)
