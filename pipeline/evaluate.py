@@ -103,9 +103,10 @@ class SplitDataModule(pl.LightningDataModule):
 
 
 def _trainer(cfg: Config, devices: int, num_nodes: int, progress: bool = True) -> pl.Trainer:
-    from pipeline.train import build_strategy, resolve_accelerator
+    from pipeline.train import build_strategy, resolve_accelerator, set_cpu_threads
 
     accelerator = resolve_accelerator(cfg.train.accelerator)
+    set_cpu_threads(cfg, accelerator, devices)
     return pl.Trainer(
         accelerator=accelerator,
         devices=devices,

@@ -226,6 +226,14 @@ def resolve_accelerator(name: str) -> str:
     return name
 
 
+def set_cpu_threads(cfg: Config, accelerator: str, devices: int) -> None:
+    """torch threads per process: train.cpu_threads, else the cores shared by the processes."""
+    if accelerator != "cpu":
+        return
+    threads = cfg.train.cpu_threads or max(1, (os.cpu_count() or 1) // max(1, devices))
+    torch.set_num_threads(threads)
+
+
 def build_strategy(accelerator: str, devices: int, num_nodes: int):
     """DDP (gloo on CPU, nccl on GPU) for more than one process, else Lightning's default."""
     if devices * num_nodes <= 1:
@@ -296,6 +304,7 @@ def build_trainer(
     accelerator = resolve_accelerator(cfg.train.accelerator)
     devices = devices or cfg.train.devices
     num_nodes = num_nodes or cfg.train.num_nodes
+    set_cpu_threads(cfg, accelerator, devices)
     callbacks = build_callbacks(cfg, run_dir) + list(extra_callbacks)
     logger = build_logger(cfg, run_dir) if logger is None else logger
     if logger:

@@ -54,7 +54,13 @@ def tiny_config(shard_dir: Path, run_dir: Path, **sections) -> dict:
             "eval_batch_size": 64,
             "shuffle_buffer": 200,
         },
-        "train": {"K": 5, "max_epochs": 3, "accelerator": "cpu", "log_every_n_steps": 4},
+        "train": {
+            "K": 5,
+            "max_epochs": 3,
+            "accelerator": "cpu",
+            "log_every_n_steps": 4,
+            "cpu_threads": 1,
+        },
         "optim": {"lr": 0.01},
         "validation": {
             "K": 20,
