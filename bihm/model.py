@@ -103,7 +103,7 @@ class BiHM(nn.Module):
     ``p_nets[l]`` maps h_{l+1} -> logits of h_l; ``q_nets[l]`` maps h_l -> logits of h_{l+1}.
     """
 
-    def __init__(self, layer_sizes: Sequence[int]) -> None:
+    def __init__(self, layer_sizes: Sequence[int], compile: bool = False) -> None:
         super().__init__()
         sizes = [int(n) for n in layer_sizes]
         if len(sizes) < 2:
@@ -114,6 +114,8 @@ class BiHM(nn.Module):
         if any(n < 1 for n in sizes):
             raise ValueError(f"layer_sizes must be positive integers, got {sizes!r}")
         self.layer_sizes: list[int] = sizes
+        self.compiled = compile
+        self._compiled_core = None
         self.prior_logits = nn.Parameter(torch.empty(sizes[-1]))  # b: p(h_L)
         self.p_nets = nn.ModuleList(nn.Linear(sizes[l + 1], sizes[l]) for l in range(self.n_latent))
         self.q_nets = nn.ModuleList(nn.Linear(sizes[l], sizes[l + 1]) for l in range(self.n_latent))
@@ -168,18 +170,38 @@ class BiHM(nn.Module):
         return self.prior_logits.dtype
 
     # ------------------------------------------------------------------ sampling
+    def _q_pass(
+        self, x: Tensor, K: int, generator: torch.Generator | None = None
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """h_k ~ q(h | x) bottom-up: returns hs ([x, h_1, .., h_L], each (*, K, n_l)) and the
+        clamped q logits of h_1 .. h_L. Layer 1's logits depend on x alone, so they are
+        computed once per example, shape (*, 1, n_1), and shared by the K samples: that
+        saves the largest matmul of q (and of its gradient) K - 1 times over."""
+        x = x.to(self._dtype)
+        logits = self.q_nets[0](x).clamp_(-LOGIT_CLAMP, LOGIT_CLAMP).unsqueeze(-2)
+        h = sample_bernoulli(logits.expand(*x.shape[:-1], K, logits.shape[-1]), generator)
+        hs = [x.unsqueeze(-2).expand(*x.shape[:-1], K, x.shape[-1]), h]
+        q_logits = [logits]
+        for net in self.q_nets[1:]:
+            logits = net(h).clamp_(-LOGIT_CLAMP, LOGIT_CLAMP)
+            h = sample_bernoulli(logits, generator)
+            hs.append(h)
+            q_logits.append(logits)
+        return hs, q_logits
+
+    def _p_logits(self, hs: Sequence[Tensor]) -> list[Tensor]:
+        """Clamped p logits of h_0 .. h_{L-1} given the layer above, then the prior's of h_L."""
+        logits = [
+            net(hs[l + 1]).clamp_(-LOGIT_CLAMP, LOGIT_CLAMP) for l, net in enumerate(self.p_nets)
+        ]
+        return [*logits, self.prior_logits.clamp(-LOGIT_CLAMP, LOGIT_CLAMP)]
+
     def _sample_q_and_log_q(
         self, x: Tensor, K: int, generator: torch.Generator | None = None
     ) -> tuple[list[Tensor], Tensor]:
-        """h_k ~ q(h | x), bottom-up, and log q(h_k | x), reusing the sampling logits."""
-        h = x.unsqueeze(-2).expand(*x.shape[:-1], K, x.shape[-1]).to(self._dtype)
-        hs, log_q = [h], torch.zeros(h.shape[:-1], device=h.device, dtype=h.dtype)
-        for net in self.q_nets:
-            logits = net(h)
-            h = sample_bernoulli(logits, generator)
-            log_q = log_q + log_bernoulli(h, logits)
-            hs.append(h)
-        return hs, log_q
+        """h_k ~ q(h | x) and log q(h_k | x), reusing the sampling logits."""
+        hs, q_logits = self._q_pass(x, K, generator)
+        return hs, _sum_log_bernoulli(hs[1:], q_logits)
 
     def sample_q(self, x: Tensor, K: int, generator: torch.Generator | None = None) -> list[Tensor]:
         """[h_0 = x, h_1, ..., h_L] with h ~ q(h | x); x (*, n_0) -> each (*, K, n_l)."""
@@ -227,8 +249,9 @@ class BiHM(nn.Module):
 
     def _log_weights(self, x: Tensor, K: int, generator: torch.Generator | None = None) -> Tensor:
         """d_k = log p(x, h_k) - log q(h_k | x) for h_k ~ q(h | x); shape (*, K)."""
-        hs, log_q = self._sample_q_and_log_q(x, K, generator)
-        return self.log_p(hs) - log_q
+        hs, q_logits = self._q_pass(x, K, generator)
+        log_p, log_q = _log_p_and_log_q(hs, self._p_logits(hs), q_logits)
+        return log_p - log_q
 
     # ------------------------------------------------------------------ training objective
     def loss(
@@ -255,19 +278,87 @@ class BiHM(nn.Module):
         self._check_x(x)
         if objective not in ("bihm", "rws"):
             raise ValueError(f"objective must be 'bihm' or 'rws', got {objective!r}")
-        hs, log_q = self._sample_q_and_log_q(x, K, generator)
-        log_p = self.log_p(hs)
-        d = (log_p - log_q).detach()
-        log_w = d / 2 if objective == "bihm" else d
-        w_tilde = torch.softmax(log_w, dim=-1)
-        q_coef = w_tilde - 1.0 / K if objective == "bihm" else w_tilde
-        surrogate = (w_tilde * log_p).sum(-1) + (q_coef * log_q).sum(-1)
+        want_grads = _grad_wanted(self)  # False in validation (no_grad) and for frozen models
+        core = self._loss_core
+        if self.compiled and generator is None and want_grads:
+            core = self._compiled_loss_core()
+        with torch.no_grad():
+            surrogate, d, log_w, grads = core(x, K, objective == "bihm", want_grads, generator)
+        loss = -surrogate
+        if grads is not None:
+            loss = _LocalGradients.apply(loss, grads, *self.parameters())
         return LossOutput(
-            loss=-surrogate.mean(),
+            loss=loss,
             log_p=log_mean_exp(d).mean(),
             log_ptilde_star=(2 * log_mean_exp(d / 2)).mean(),
             ess=ess_from_log_weights(log_w).mean(),
         )
+
+    def _loss_core(
+        self,
+        x: Tensor,
+        K: int,
+        bihm: bool,
+        want_grads: bool,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, list[Tensor] | None]:
+        """The training step's arithmetic, without autograd: the batch-mean surrogate, d,
+        log w and (if wanted) the parameter gradients of -surrogate."""
+        hs, q_logits = self._q_pass(x, K, generator)
+        p_logits = self._p_logits(hs)
+        log_p, log_q = _log_p_and_log_q(hs, p_logits, q_logits)
+        d = log_p - log_q
+        log_w = d / 2 if bihm else d
+        w_tilde = torch.softmax(log_w, dim=-1)
+        q_coef = w_tilde - 1.0 / K if bihm else w_tilde
+        surrogate = ((w_tilde * log_p).sum(-1) + (q_coef * log_q).sum(-1)).mean()
+        grads = None
+        if want_grads:
+            n_examples = w_tilde.numel() // K
+            grads = self._manual_grads(hs, p_logits, q_logits, w_tilde, q_coef, n_examples)
+        return surrogate, d, log_w, grads
+
+    def _compiled_loss_core(self):
+        if self._compiled_core is None:
+            self._compiled_core = torch.compile(self._loss_core, dynamic=False)
+        return self._compiled_core
+
+    def _manual_grads(
+        self,
+        hs: list[Tensor],
+        p_logits: list[Tensor],
+        q_logits: list[Tensor],
+        p_coef: Tensor,
+        q_coef: Tensor,
+        n_examples: int,
+    ) -> list[Tensor]:
+        """Gradients of the loss -(1/B) sum [p_coef log p(x, h) + q_coef log q(h | x)].
+
+        Every layer is observed, so each conditional's gradient is local: for a layer with
+        samples h, logits a = W h_in + c and coefficient c_k per sample,
+            d/da  = c_k (h - sigmoid(a))   (0 where the clamp is active, as for the
+                                            authors' clipped sigmoid)
+            d/dW  = sum_samples (d/da) h_in^T,   d/dc = sum_samples d/da.
+        One matmul per weight, no backward through activations, no autograd graph.
+        """
+        scale = -1.0 / n_examples
+        pc, qc = (p_coef * scale).unsqueeze(-1), (q_coef * scale).unsqueeze(-1)
+        grads: dict[str, Tensor] = {}
+        # Prior p(h_L): its logits are the bias b itself.
+        grads["prior_logits"] = _flat(_logit_grad(hs[-1], p_logits[-1], pc)).sum(0)
+        for l in range(self.n_latent):
+            g = _flat(_logit_grad(hs[l], p_logits[l], pc))
+            grads[f"p_nets.{l}.weight"] = g.T @ _flat(hs[l + 1])
+            grads[f"p_nets.{l}.bias"] = g.sum(0)
+        for l in range(self.n_latent):
+            g = _logit_grad(hs[l + 1], q_logits[l], qc)
+            h_in = hs[l]
+            if l == 0:  # layer 1's logits are shared by the K samples: sum over k first
+                g, h_in = g.sum(-2), h_in[..., 0, :]
+            g = _flat(g)
+            grads[f"q_nets.{l}.weight"] = g.T @ _flat(h_in)
+            grads[f"q_nets.{l}.bias"] = g.sum(0)
+        return [grads[name] for name, _ in self.named_parameters()]
 
     # ------------------------------------------------------------------ estimators
     @torch.no_grad()
@@ -571,6 +662,54 @@ class BiHM(nn.Module):
         model = cls(payload["layer_sizes"])
         model.load_state_dict(payload["state_dict"])
         return model.to(map_location)
+
+
+def _log_bernoulli_clamped(h: Tensor, a: Tensor) -> Tensor:
+    """log_bernoulli for logits that are already clamped: sum_i h_i a_i - softplus(a_i)."""
+    return (h * a).sum(-1) - F.softplus(a).sum(-1)
+
+
+def _sum_log_bernoulli(hs: Sequence[Tensor], logits: Sequence[Tensor]) -> Tensor:
+    return sum(_log_bernoulli_clamped(h, a) for h, a in zip(hs, logits, strict=True))
+
+
+def _log_p_and_log_q(
+    hs: Sequence[Tensor], p_logits: Sequence[Tensor], q_logits: Sequence[Tensor]
+) -> tuple[Tensor, Tensor]:
+    """log p(x, h) and log q(h | x) from the clamped logits of every layer."""
+    return _sum_log_bernoulli(hs, p_logits), _sum_log_bernoulli(hs[1:], q_logits)
+
+
+def _logit_grad(h: Tensor, a: Tensor, coef: Tensor) -> Tensor:
+    """coef * (h - sigmoid(a)), zero where a sits at the clamp."""
+    return torch.where(a.abs() < LOGIT_CLAMP, coef * (h - torch.sigmoid(a)), 0.0)
+
+
+def _flat(t: Tensor) -> Tensor:
+    """Merge all leading dims: (*, n) -> (prod(*), n)."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def _grad_wanted(model: nn.Module) -> bool:
+    return torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
+
+
+class _LocalGradients(torch.autograd.Function):
+    """Attach precomputed parameter gradients to a loss value.
+
+    BiHM's gradients are local per layer (see BiHM._manual_grads), so they are computed
+    directly instead of through an autograd graph; this hands them to autograd so that
+    loss.backward(), DDP's gradient all-reduce and Lightning work unchanged.
+    """
+
+    @staticmethod
+    def forward(ctx, loss: Tensor, grads: list[Tensor], *params: Tensor) -> Tensor:
+        ctx.grads = grads
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        return (None, None, *(grad_output * g for g in ctx.grads))
 
 
 def _pick(candidates: Tensor, log_weight: Tensor, generator: torch.Generator | None) -> Tensor:

@@ -1,0 +1,171 @@
+"""`bihm bench`: throughput of the real training and evaluation code against the matmul limit.
+
+Work per sample is fixed by the model (bihm-math.md; issue "Performance"):
+    training    8 * sum_l n_l n_{l+1} FLOPs per (x, h_k) pair: q and p logits, and the
+                weight gradients of p and q (no activation gradients: every layer is observed)
+    evaluation  4 * sum_l n_l n_{l+1} FLOPs per sample: q and p logits
+Each workload's achieved FLOP/s is divided by the FLOP/s of a plain fp32 matmul of the
+dominant shape (B*K x 784) @ (784 x 300) measured in the same process: that ratio is what
+stays comparable on noisy, shared machines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from bihm import BiHM
+
+PAPER_SIZES = [784, 300, 200, 100, 75, 50, 35, 30, 25, 20, 15, 10, 10]
+
+
+def pair_sum(sizes: list[int]) -> int:
+    """sum_l n_l * n_{l+1}: the multiply-adds of one pass through p or q for one sample."""
+    return sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+
+
+def timed(
+    fn: Callable[[], object], device: torch.device, min_time: float, warmup: int = 2
+) -> float:
+    """Median seconds per call over repeats lasting at least `min_time` in total."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while not times or time.perf_counter() - start < min_time or len(times) < 3:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def machine_info(device: torch.device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def matmul_gflops(device: torch.device, rows: int, min_time: float) -> float:
+    a = torch.rand(rows, 784, device=device)
+    b = torch.rand(784, 300, device=device)
+    seconds = timed(lambda: a @ b, device, min_time, warmup=5)
+    return 2 * rows * 784 * 300 / seconds / 1e9
+
+
+def random_data(n: int, device: torch.device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return (torch.rand(n, 784, generator=gen) < 0.13).float().to(device)
+
+
+def bench_train(model: BiHM, x: torch.Tensor, K: int, min_time: float) -> float:
+    """Seconds per training step: the same loss() + backward + Adam step the Trainer runs."""
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        optimiser.zero_grad(set_to_none=True)
+        model.loss(x, K).loss.backward()
+        optimiser.step()
+
+    return timed(step, x.device, min_time)
+
+
+def workload(samples_per_s: float, flops_per_sample: float, matmul: float) -> dict:
+    gflops = samples_per_s * flops_per_sample / 1e9
+    return {"samples_per_s": samples_per_s, "gflops": gflops, "ratio": gflops / matmul}
+
+
+def run(device_name: str = "cpu", min_time: float = 3.0, progress: bool = True) -> dict:
+    device = torch.device(device_name)
+    torch.manual_seed(0)
+    model = BiHM(PAPER_SIZES).to(device)
+    s = pair_sum(PAPER_SIZES)
+    B = 100
+    x = random_data(B, device)
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+
+    result: dict = {"machine": machine_info(device), "model": PAPER_SIZES, "batch": B}
+    say("matmul ...")
+    matmul = matmul_gflops(device, B * 10, min_time)
+    result["matmul_gflops"] = matmul
+
+    for K in (10, 100):
+        say(f"train K={K} ...")
+        seconds = bench_train(model, x, K, min_time)
+        result[f"train_k{K}"] = workload(B * K / seconds, 8 * s, matmul)
+
+    K_eval = 1000
+    say(f"log_likelihood K={K_eval} ...")
+    seconds = timed(lambda: model.log_likelihood(x[:10], K_eval), device, min_time)
+    result["log_likelihood"] = workload(10 * K_eval / seconds, 4 * s, matmul)
+
+    n_z, inner = 2000, 10
+    say(f"estimate_log_z2 n={n_z} inner={inner} ...")
+    seconds = timed(lambda: model.estimate_log_z2(n_z, inner), device, min_time)
+    # Each outer sample: one ancestral p pass + log q (4s), then `inner` q samples with p (4s each).
+    result["log_z2"] = workload(n_z * (1 + inner) / seconds, 4 * s, matmul)
+
+    chains, proposals = 10, 100
+    say(f"gibbs chains={chains} proposals={proposals} ...")
+    hs = model.sample_p(chains)
+    seconds = timed(lambda: model.gibbs_step(hs, proposals=proposals), device, min_time, warmup=1)
+    n_latent = len(PAPER_SIZES) - 1
+    per_step = chains * proposals * (2 * n_latent + 1)  # 2S per latent layer, S for x
+    result["gibbs"] = {"proposals_per_s": per_step / seconds, "chains": chains, "S": proposals}
+
+    if device.type == "cuda":
+        result["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:  # ru_maxrss is in KiB on Linux
+        result["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = [
+        f"machine: {result['machine']['cpu']} ({result['machine']['torch_threads']} threads), "
+        f"torch {result['machine']['torch']}",
+        f"fp32 matmul (1000x784 @ 784x300): {result['matmul_gflops']:.1f} GFLOP/s",
+        f"{'workload':<16}{'samples/s':>12}{'GFLOP/s':>10}{'ratio':>8}",
+    ]
+    for key in ("train_k10", "train_k100", "log_likelihood", "log_z2"):
+        w = result[key]
+        lines.append(f"{key:<16}{w['samples_per_s']:>12.0f}{w['gflops']:>10.1f}{w['ratio']:>8.2f}")
+    lines.append(f"gibbs: {result['gibbs']['proposals_per_s']:.0f} proposals/s")
+    lines.append(f"peak memory: {result['peak_mem_mb']:.0f} MB")
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)

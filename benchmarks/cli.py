@@ -1,0 +1,33 @@
+"""`bihm bench`: see benchmarks/bench.py."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from benchmarks.bench import format_table, run, write_json
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bihm bench: error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    result = run(args.device, min_time=args.min_time)
+    print(format_table(result))
+    if args.json is not None:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="measure training/evaluation throughput")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    p.add_argument(
+        "--min-time", type=float, default=3.0, help="seconds of repeats per workload (median)"
+    )
+    p.set_defaults(func=_bench)
