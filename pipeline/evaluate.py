@@ -239,39 +239,19 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- pictures
-def gibbs_chain(model: BiHM, hs, steps: int, progress: bool, desc: str, **kwargs):
-    """`steps` Gibbs sweeps of model.gibbs_step with a progress bar."""
-    from tqdm.auto import tqdm
-
-    for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
-        hs = model.gibbs_step(hs, **kwargs)
-    return hs
-
-
 def _sample(args: argparse.Namespace) -> int:
-    from pipeline.plots import save_panels, tile
+    from pipeline.train import save_sample_picture
 
-    module, _ = load_checkpoint(args.checkpoint)
-    model = module.model.eval()
-    g = make_generator("cpu", args.seed, 6, args.n)
-    x_p = model.sample_p(args.n, generator=g)[0]
-    g = make_generator("cpu", args.seed, 7, args.n)
-    hs = gibbs_chain(
-        model,
-        model.sample_p(args.n, generator=g),
-        args.gibbs_steps,
-        not args.no_progress,
-        "Gibbs sweeps from p*",
+    module, _ = load_checkpoint(args.checkpoint, args.set)
+    save_sample_picture(
+        module.model,
+        args.out,
+        n=args.n,
+        steps=args.gibbs_steps,
         proposals=args.proposals,
         inner=args.inner,
-        generator=g,
-    )
-    save_panels(
-        args.out,
-        [
-            ("p(x): top-down samples", tile(x_p)),
-            (f"p*(x): {args.gibbs_steps} Gibbs sweeps, {args.proposals} proposals", tile(hs[0])),
-        ],
+        seed=args.seed,
+        progress=not args.no_progress,
     )
     print(f"bihm sample: wrote {args.out}")
     return 0

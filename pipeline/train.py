@@ -194,24 +194,47 @@ class SamplesCallback(Callback):
 
 
 def save_sample_picture(
-    model, path, *, n: int, steps: int, proposals: int, inner: int, seed: int, title: str = ""
+    model,
+    path,
+    *,
+    n: int,
+    steps: int,
+    proposals: int,
+    inner: int,
+    seed: int,
+    title: str = "",
+    progress: bool = False,
+    group: int = 8,
 ) -> None:
-    """PNG: n plain top-down p samples | n p* samples after `steps` Gibbs sweeps from them."""
+    """PNG: n plain top-down p samples | n p* samples after `steps` Gibbs sweeps.
+
+    Chains run in groups of `group` (memory: each sweep scores proposals x inner
+    configurations per chain), each group with its own seeded generator.
+    """
+    from tqdm.auto import tqdm
+
     from pipeline.plots import save_panels, tile
 
     device = model.prior_logits.device
     was_training = model.training
     model.eval()
-    g = make_generator(device, seed, 6, n)
-    x_p = model.sample_p(n, generator=g)[0]
-    g = make_generator(device, seed, 7, n)
-    x_star = model.sample_pstar(n, steps=steps, proposals=proposals, inner=inner, generator=g)[0]
+    x_p = model.sample_p(n, generator=make_generator(device, seed, 6, n))[0]
+    x_star = []
+    bar = tqdm(total=n * steps, desc="Gibbs sweeps x chains", disable=not progress)
+    for start in range(0, n, group):
+        g = make_generator(device, seed, 7, start)
+        hs = model.sample_p(min(group, n - start), generator=g)
+        for _ in range(steps):
+            hs = model.gibbs_step(hs, proposals, inner, generator=g)
+            bar.update(hs[0].shape[0])
+        x_star.append(hs[0])
+    bar.close()
     model.train(was_training)
     save_panels(
         path,
         [
-            ("p(x) top-down samples", tile(x_p)),
-            (f"p*(x): {steps} Gibbs sweeps, {proposals} proposals", tile(x_star)),
+            ("p(x): top-down samples", tile(x_p)),
+            (f"p*(x): {steps} Gibbs sweeps, {proposals} proposals", tile(torch.cat(x_star))),
         ],
         title=title,
     )

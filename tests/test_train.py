@@ -273,3 +273,19 @@ def test_resume_after_kill_mid_epoch_ends_where_an_uninterrupted_run_does(shards
     for ra, rb in zip(rows_a, rows_b, strict=True):
         for key in ("train/lr", "train/loss", "val/log_ptilde_star", "val/two_log_z"):
             assert float(rb[key]) == pytest.approx(float(ra[key]), rel=1e-6, abs=1e-6), key
+
+
+def test_early_stopping_on_validation_log_ptilde_star(shards, tmp_path):
+    """With an lr far below float32 resolution the weights, hence the (fixed-seed) validation
+    log p~*, do not change: patience 1 stops the run after 2 of 5 epochs."""
+    run_dir = tmp_path / "run"
+    cfg = tiny_config(
+        shards, run_dir, train={"max_epochs": 5, "early_stopping_patience": 1}, optim={"lr": 1e-20}
+    )
+    cfg["validation"]["gibbs"]["every_n_epochs"] = 0
+    cfg["samples"]["every_n_epochs"] = 0
+    result = run_training(config_from_dict(cfg))
+    rows = read_metrics(run_dir)
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert rows[0]["val/log_ptilde_star"] == rows[1]["val/log_ptilde_star"]
+    assert result["epochs"] == 2
