@@ -21,11 +21,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from bihm import BiHM
 
 PAPER_SIZES = [784, 300, 200, 100, 75, 50, 35, 30, 25, 20, 15, 10, 10]
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "bmnist_paper.yaml"
 
 
 def pair_sum(sizes: list[int]) -> int:
@@ -87,16 +90,48 @@ def random_data(n: int, device: torch.device) -> torch.Tensor:
     return (torch.rand(n, 784, generator=gen) < 0.13).float().to(device)
 
 
-def bench_train(model: BiHM, x: torch.Tensor, K: int, min_time: float) -> float:
-    """Seconds per training step: the same loss() + backward + Adam step the Trainer runs."""
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
+class _StepTimer(pl.Callback):
+    """Wall time of each training step: training_step, backward and optimiser step."""
 
-    def step() -> None:
-        optimiser.zero_grad(set_to_none=True)
-        model.loss(x, K).loss.backward()
-        optimiser.step()
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
 
-    return timed(step, x.device, min_time)
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)
+        self.times.append(time.perf_counter() - self._start)
+
+
+def bench_train(x: torch.Tensor, K: int, steps: int) -> float:
+    """Median seconds per training step of the real BiHMModule under a Lightning Trainer
+    (configs/bmnist_paper.yaml with train.K = K), on the fixed batch x."""
+    from bihm.lightning import BiHMModule
+    from pipeline.config import load_config
+
+    config = load_config(CONFIG, [f"train.K={K}"]).to_dict()
+    module = BiHMModule(config)
+    B = x.shape[0]
+    data = TensorDataset(x.cpu().repeat(steps, 1), torch.arange(B).repeat(steps))
+    timer = _StepTimer()
+    trainer = pl.Trainer(
+        accelerator=x.device.type,
+        devices=1,
+        max_steps=steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=B))
+    return statistics.median(timer.times[2:])  # the first steps warm up
 
 
 def workload(samples_per_s: float, flops_per_sample: float, matmul: float) -> dict:
@@ -120,7 +155,7 @@ def run(device_name: str = "cpu", min_time: float = 3.0, progress: bool = True) 
 
     for K in (10, 100):
         say(f"train K={K} ...")
-        seconds = bench_train(model, x, K, min_time)
+        seconds = bench_train(x, K, steps=max(10, int(min_time * 20_000 / (B * K))))
         result[f"train_k{K}"] = workload(B * K / seconds, 8 * s, matmul)
 
     K_eval = 1000
