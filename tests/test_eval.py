@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def trained(tmp_path_factory) -> Path:
     """A checkpoint of the tiny model after one epoch on generated shards."""
     tmp = tmp_path_factory.mktemp("eval")
-    shards = make_shards(tmp / "shards", n_valid=150, n_test=90)
+    # 129 examples in batches of 64: rank 0 gets 1 batch, rank 1 gets 2 (uneven on purpose).
+    shards = make_shards(tmp / "shards", n_valid=129, n_test=129)
     cfg = tiny_config(shards, tmp / "run", train={"max_epochs": 1})
     cfg["validation"].update(z_samples=700, z_chunk=200)  # 4 chunks, the last one short
     run_training(config_from_dict(cfg))
@@ -134,7 +135,7 @@ def test_validation_metrics_from_two_ddp_processes_equal_one_process(trained, tm
     )
     one = json.loads((tmp_path / "one.json").read_text())
     two = json.loads((tmp_path / "two.json").read_text())
-    assert one["val/n"] == 150.0  # every validation example exactly once
+    assert one["val/n"] == 129.0  # every validation example exactly once
     assert {
         "val/log_p",
         "val/log_ptilde_star",
@@ -167,7 +168,7 @@ def test_eval_json_schema_and_two_processes(trained, tmp_path):
         "--z-chunk",
         "700",
         "--batch-size",
-        "32",
+        "64",
         "--no-progress",
     ]
     assert main([*common, "--json", str(tmp_path / "one.json")]) == 0
@@ -179,7 +180,7 @@ def test_eval_json_schema_and_two_processes(trained, tmp_path):
         for entry in one[key].values():
             assert set(entry) == {"mean", "sem"} and entry["sem"] > 0
     assert set(one["two_log_z"]) == {"value", "sem", "n"} and one["two_log_z"]["n"] == 3000
-    assert one["n_examples"] == 90 and (one["processes"], two["processes"]) == (1, 2)
+    assert one["n_examples"] == 129 and (one["processes"], two["processes"]) == (1, 2)
     # Estimates tighten with K (stochastic lower bounds); log p* = log p~* - 2 log Z.
     means = [one["log_ptilde_star"][k]["mean"] for k in ("1", "10", "50")]
     assert means[0] < means[1] < means[2]
