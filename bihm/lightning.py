@@ -198,7 +198,7 @@ class BiHMModule(pl.LightningModule):
         self._train_sums_epoch = -1
         self._val_sums: Tensor | None = None
         self._test_sums: Tensor | None = None
-        self._step_bad = False
+        self._loss_finite = torch.tensor(True)
 
     # ------------------------------------------------------------------ schedules
     def _switched(self, epoch: int) -> bool:
@@ -292,13 +292,13 @@ class BiHMModule(pl.LightningModule):
         out = self.model.loss(
             x, K=self.K_at(self.current_epoch), objective=self.train_cfg["objective"], generator=g
         )
-        self._step_bad = not bool(torch.isfinite(out.loss))
-        if not self._step_bad:
-            B = x.shape[0]
-            self._train_sums += torch.stack(
-                [out.loss.detach() * B, out.log_p * B, out.log_ptilde_star * B, out.ess * B]
-                + [torch.tensor(float(B), device=self.device)]
-            ).double()
+        # No host sync here: the finiteness flag is read once, in on_before_optimizer_step.
+        self._loss_finite = torch.isfinite(out.loss.detach())
+        B = x.shape[0]
+        self._train_sums += torch.stack(
+            [out.loss.detach() * B, out.log_p * B, out.log_ptilde_star * B, out.ess * B]
+            + [out.loss.new_tensor(float(B))]
+        ).double()
         self.log("loss", out.loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         return out.loss
 
@@ -309,11 +309,11 @@ class BiHMModule(pl.LightningModule):
         across ranks (the same number of train steps on every rank), so all ranks raise
         together and no checkpoint is written after the bad step.
         """
-        bad = self._step_bad or not all(
-            bool(torch.isfinite(p.grad).all()) for p in self.parameters() if p.grad is not None
-        )
-        flag = self._reduce_sum(torch.tensor([float(bad)], device=self.device))
-        if float(flag.sum()) > 0:
+        finite = [self._loss_finite] + [
+            torch.isfinite(p.grad).all() for p in self.parameters() if p.grad is not None
+        ]
+        bad = (~torch.stack(finite).all()).double().reshape(1)
+        if float(self._reduce_sum(bad).sum()) > 0:
             raise NonFiniteLossError(
                 f"non-finite loss or gradient at global step {self.global_step} "
                 f"(epoch {self.current_epoch}, K={self.K_at(self.current_epoch)}, "
