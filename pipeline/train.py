@@ -34,6 +34,7 @@ from pytorch_lightning.callbacks import (
     ModelCheckpoint,
     TQDMProgressBar,
 )
+from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_only
 
@@ -241,6 +242,21 @@ def save_sample_picture(
 
 
 # --------------------------------------------------------------------------- trainer
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file and renamed: a kill mid-save leaves the
+    previous last.ckpt intact instead of a truncated one."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+
 def resolve_accelerator(name: str) -> str:
     if name == "auto":
         return "gpu" if torch.cuda.is_available() else "cpu"
@@ -348,6 +364,7 @@ def build_trainer(
         log_every_n_steps=cfg.train.log_every_n_steps,
         # The data module shards every split itself (exactly-once validation).
         use_distributed_sampler=False,
+        plugins=[AtomicCheckpointIO()],
     )
 
 
