@@ -110,7 +110,7 @@ class BiHM(nn.Module):
     ``p_nets[l]`` maps h_{l+1} -> logits of h_l; ``q_nets[l]`` maps h_l -> logits of h_{l+1}.
     """
 
-    def __init__(self, layer_sizes: Sequence[int], compile: bool = False) -> None:
+    def __init__(self, layer_sizes: Sequence[int]) -> None:
         super().__init__()
         sizes = [int(n) for n in layer_sizes]
         if len(sizes) < 2:
@@ -121,8 +121,6 @@ class BiHM(nn.Module):
         if any(n < 1 for n in sizes):
             raise ValueError(f"layer_sizes must be positive integers, got {sizes!r}")
         self.layer_sizes: list[int] = sizes
-        self.compiled = compile
-        self._compiled_core = None
         self.prior_logits = nn.Parameter(torch.empty(sizes[-1]))  # b: p(h_L)
         self.p_nets = nn.ModuleList(nn.Linear(sizes[l + 1], sizes[l]) for l in range(self.n_latent))
         self.q_nets = nn.ModuleList(nn.Linear(sizes[l], sizes[l + 1]) for l in range(self.n_latent))
@@ -289,11 +287,10 @@ class BiHM(nn.Module):
         if objective not in ("bihm", "rws"):
             raise ValueError(f"objective must be 'bihm' or 'rws', got {objective!r}")
         want_grads = _grad_wanted(self)  # False in validation (no_grad) and for frozen models
-        core = self._loss_core
-        if self.compiled and generator is None and want_grads:
-            core = self._compiled_loss_core()
         with torch.no_grad():
-            surrogate, d, log_w, grads = core(x, K, objective == "bihm", want_grads, generator)
+            surrogate, d, log_w, grads = self._loss_core(
+                x, K, objective == "bihm", want_grads, generator
+            )
         loss = -surrogate
         if grads is not None:
             loss = _LocalGradients.apply(loss, grads, *self.parameters())
@@ -327,11 +324,6 @@ class BiHM(nn.Module):
             n_examples = w_tilde.numel() // K
             grads = self._manual_grads(hs, p_logits, q_logits, q_probs, w_tilde, q_coef, n_examples)
         return surrogate, d, log_w, grads
-
-    def _compiled_loss_core(self):
-        if self._compiled_core is None:
-            self._compiled_core = torch.compile(self._loss_core, dynamic=False)
-        return self._compiled_core
 
     def _manual_grads(
         self,
