@@ -159,7 +159,7 @@ def format_table(result: dict[str, Any]) -> str:
     """The evaluation as a text table: one row per K, mean ± standard error."""
 
     def cell(entry):
-        return f"{entry['mean']:9.2f} ± {entry['sem']:.2f}"
+        return f"{entry['mean']:10.2f} ± {entry['sem']:4.2f}"
 
     z = result["two_log_z"]
     lines = [
