@@ -101,3 +101,9 @@ def test_yaml_off_means_off_and_round_trip(tmp_path):
     again = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
     assert again == cfg
     assert again.resolved_run_dir().as_posix() == "runs/bihm"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    cfg = load_config(path)
+    assert cfg.name == path.stem
