@@ -239,12 +239,21 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- pictures
+def _single_device_model(module: BiHMModule, cfg: Config) -> BiHM:
+    """The model in eval mode on the config's accelerator (one process)."""
+    from pipeline.train import resolve_accelerator, set_cpu_threads
+
+    accelerator = resolve_accelerator(cfg.train.accelerator)
+    set_cpu_threads(cfg, accelerator, 1)
+    return module.model.to("cuda" if accelerator == "gpu" else "cpu").eval()
+
+
 def _sample(args: argparse.Namespace) -> int:
     from pipeline.train import save_sample_picture
 
-    module, _ = load_checkpoint(args.checkpoint, args.set)
+    module, cfg = load_checkpoint(args.checkpoint, args.set)
     save_sample_picture(
-        module.model,
+        _single_device_model(module, cfg),
         args.out,
         n=args.n,
         steps=args.gibbs_steps,
@@ -264,15 +273,16 @@ def _inpaint(args: argparse.Namespace) -> int:
     from pipeline.plots import save_panels, tile
 
     module, cfg = load_checkpoint(args.checkpoint, args.set)
-    model = module.model.eval()
+    model = _single_device_model(module, cfg)
+    device = model.prior_logits.device
     loader = eval_loader(cfg.data.shard_dir, args.split, batch_size=args.digits, limit=args.digits)
-    x = next(iter(loader))[0][: args.digits]
-    mask = half_mask(args.mask)
+    x = next(iter(loader))[0][: args.digits].to(device)
+    mask = half_mask(args.mask).to(device)
     rows = []
     for i in tqdm(range(x.shape[0]), desc="inpainting digits", disable=args.no_progress):
         xi = x[i].expand(args.chains, -1)
         mi = mask.expand(args.chains, -1)
-        g = make_generator("cpu", args.seed, 8, i)
+        g = make_generator(device, args.seed, 8, i)
         recon = model.reconstruct(xi[:1], mi[:1], generator=g)
         filled = model.inpaint(
             xi, mi, steps=args.steps, proposals=args.proposals, inner=args.inner, generator=g
