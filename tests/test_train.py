@@ -289,3 +289,47 @@ def test_early_stopping_on_validation_log_ptilde_star(shards, tmp_path):
     assert [int(r["epoch"]) for r in rows] == [0, 1]
     assert rows[0]["val/log_ptilde_star"] == rows[1]["val/log_ptilde_star"]
     assert result["epochs"] == 2
+
+
+POISON_ONE_RANK = textwrap.dedent(
+    """
+    import math, sys
+    import torch, yaml
+    from pytorch_lightning.callbacks import Callback
+    from pipeline.config import config_from_dict
+    from pipeline.train import run_training
+
+    class PoisonRank1(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_rank == 1 and trainer.global_step == int(sys.argv[2]):
+                with torch.no_grad():
+                    pl_module.model.p_nets[0].bias[0] = math.nan
+
+    cfg = config_from_dict(yaml.safe_load(open(sys.argv[1])))
+    run_training(cfg, devices=2, extra_callbacks=[PoisonRank1()])
+    """
+)
+
+
+def test_non_finite_loss_on_one_ddp_rank_stops_all_ranks(shards, tmp_path):
+    """A NaN on rank 1 only: both gloo ranks stop at the same step, no hang, no bad save."""
+    run_dir = tmp_path / "run"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(tiny_config(shards, run_dir)))
+    (tmp_path / "poison.py").write_text(POISON_ONE_RANK)
+    bad_step = STEPS_PER_EPOCH // 2 + 2  # 4 steps per epoch on each of 2 ranks: epoch 1
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "poison.py"), str(tmp_path / "c.yaml"), str(bad_step)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert f"non-finite loss or gradient at global step {bad_step} (epoch 1" in proc.stderr, (
+        proc.stderr[-3000:]
+    )
+    payload = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert payload["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in payload["state_dict"].values())
