@@ -6,8 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import pytest
 import yaml
 
 from pipeline.cli import build_parser, main
-from tests.test_train import make_shards, tiny_config
+from tests.test_train import make_shards, run_python, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,23 +46,9 @@ def test_ddp_training_with_two_gloo_processes(tmp_path):
     shards = make_shards(tmp_path / "shards")
     cfg = tiny_config(shards, tmp_path / "run", train={"max_epochs": 2})
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.cli",
-            "train",
-            "--config",
-            str(tmp_path / "c.yaml"),
-            "--devices",
-            "2",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
+    proc = run_python(
+        ["-m", "pipeline.cli", "train", "--config", str(tmp_path / "c.yaml"), "--devices", "2"],
+        tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("bihm train: done after 2 epochs") == 1  # printed by rank 0 only
@@ -95,25 +79,21 @@ def test_ddp_training_with_two_gloo_processes(tmp_path):
 def test_smoke_config_trains_on_real_data_and_improves(tmp_path):
     source = os.environ.get("BIHM_DATA_SOURCE")
     assert source and Path(source).is_dir(), "set BIHM_DATA_SOURCE to the binarized MNIST folder"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     start = time.time()
-    proc = subprocess.run(
+    config = str(ROOT / "configs" / "smoke.yaml")
+    proc = run_python(
         [
-            sys.executable,
             "-m",
             "pipeline.cli",
             "train",
             "--config",
-            str(ROOT / "configs" / "smoke.yaml"),
+            config,
             "--run-dir",
             str(tmp_path / "run"),
             "--set",
             f"data.shard_dir={tmp_path / 'shards'}",
         ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
+        tmp_path,
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,7 @@ from bihm.model import BiHM
 from pipeline.cli import main
 from pipeline.config import config_from_dict
 from pipeline.train import run_training
-from tests.test_train import make_shards, tiny_config
+from tests.test_train import make_shards, run_python, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,15 +38,7 @@ def trained(tmp_path_factory) -> Path:
 
 
 def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    proc = run_python(["-m", "pipeline.cli", *args], cwd)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -197,54 +187,12 @@ def test_eval_json_schema_and_two_processes(trained, tmp_path):
 # --------------------------------------------------------------------------- pictures, files
 def test_sample_and_inpaint_write_pictures(trained, tmp_path):
     out = tmp_path / "samples.png"
-    assert (
-        main(
-            [
-                "sample",
-                "--checkpoint",
-                str(trained),
-                "--n",
-                "9",
-                "--gibbs-steps",
-                "3",
-                "--proposals",
-                "10",
-                "--inner",
-                "3",
-                "--out",
-                str(out),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    args = "--n 9 --gibbs-steps 3 --proposals 10 --inner 3 --no-progress".split()
+    assert main(["sample", "--checkpoint", str(trained), "--out", str(out), *args]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = tmp_path / "inpaint.png"
-    assert (
-        main(
-            [
-                "inpaint",
-                "--checkpoint",
-                str(trained),
-                "--mask",
-                "left",
-                "--digits",
-                "3",
-                "--chains",
-                "2",
-                "--steps",
-                "2",
-                "--proposals",
-                "10",
-                "--inner",
-                "3",
-                "--out",
-                str(out),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    args = "--mask left --digits 3 --chains 2 --steps 2 --proposals 10 --inner 3 --no-progress"
+    assert main(["inpaint", "--checkpoint", str(trained), "--out", str(out), *args.split()]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

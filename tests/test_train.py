@@ -86,6 +86,14 @@ def tiny_config(shard_dir: Path, run_dir: Path, **sections) -> dict:
     return cfg
 
 
+def run_python(args: list[str], cwd: Path, timeout: float = 400) -> subprocess.CompletedProcess:
+    """Run `python ARGS` with the repository importable; output captured as text."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:
     with open(run_dir / "metrics.csv", newline="") as f:
         return list(csv.DictReader(f))
@@ -224,32 +232,16 @@ def test_resume_after_kill_mid_epoch_ends_where_an_uninterrupted_run_does(shards
     (tmp_path / "killed.yaml").write_text(yaml.safe_dump(killed))
     (tmp_path / "killer.py").write_text(KILLER)
     kill_step = 2 * STEPS_PER_EPOCH + 3  # in the middle of epoch 2
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(tmp_path / "killer.py"),
-            str(tmp_path / "killed.yaml"),
-            str(kill_step),
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_python(
+        [str(tmp_path / "killer.py"), str(tmp_path / "killed.yaml"), str(kill_step)], tmp_path
     )
     assert proc.returncode == -9, proc.stderr[-3000:]
     # Lost at most the work since the last checkpoint: the end of epoch 1.
     last = torch.load(killed_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert (last["epoch"], last["global_step"]) == (1, 2 * STEPS_PER_EPOCH)
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "train", "--run-dir", str(killed_dir), "--resume"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_python(
+        ["-m", "pipeline.cli", "train", "--run-dir", str(killed_dir), "--resume"], tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -317,14 +309,8 @@ def test_non_finite_loss_on_one_ddp_rank_stops_all_ranks(shards, tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(tiny_config(shards, run_dir)))
     (tmp_path / "poison.py").write_text(POISON_ONE_RANK)
     bad_step = STEPS_PER_EPOCH // 2 + 2  # 4 steps per epoch on each of 2 ranks: epoch 1
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, str(tmp_path / "poison.py"), str(tmp_path / "c.yaml"), str(bad_step)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_python(
+        [str(tmp_path / "poison.py"), str(tmp_path / "c.yaml"), str(bad_step)], tmp_path
     )
     assert proc.returncode != 0
     assert f"non-finite loss or gradient at global step {bad_step} (epoch 1" in proc.stderr, (
