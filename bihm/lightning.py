@@ -27,13 +27,24 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
+import warnings
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 
 from bihm.model import BiHM, log_mean_and_sem
+
+# The val/, train/ and test metrics are reduced exactly by this module (global sums, log-sum-exp)
+# and logged with the same value on every rank: Lightning's advice to add sync_dist does not
+# apply to them (and averaging would be wrong for 2 log Z).
+warnings.filterwarnings(
+    "ignore",
+    message=r"It is recommended to use `self\.log\('(val|train)/",
+    category=PossibleUserWarning,
+)
 
 # Purposes mixed into the seeds, so that no two uses share random numbers.
 _TRAIN, _LL, _Z, _GIBBS, _RECON, _SAMPLES = range(1, 7)
@@ -244,6 +255,9 @@ class BiHMModule(pl.LightningModule):
             betas=tuple(o["betas"]),
             eps=o["eps"],
             weight_decay=o["weight_decay"],
+            # One fused kernel instead of ~5 per parameter tensor: 1.4 ms instead of 4.5 ms
+            # per step for the paper model on one CPU core (~10% of a K = 10 step).
+            fused=self.device.type in ("cpu", "cuda"),
         )
 
     # ------------------------------------------------------------------ helpers
