@@ -134,12 +134,22 @@ def bench_train(x: torch.Tensor, K: int, steps: int) -> float:
     return statistics.median(timer.times[2:])  # the first steps warm up
 
 
-def workload(samples_per_s: float, flops_per_sample: float, matmul: float) -> dict:
+def workload(
+    seconds_per_call: float, samples_per_call: int, flops_per_sample: float, matmul: float
+) -> dict:
+    samples_per_s = samples_per_call / seconds_per_call
     gflops = samples_per_s * flops_per_sample / 1e9
-    return {"samples_per_s": samples_per_s, "gflops": gflops, "ratio": gflops / matmul}
+    return {
+        "samples_per_s": samples_per_s,
+        "gflops": gflops,
+        "ratio": gflops / matmul,
+        "matmul_gflops": matmul,
+    }
 
 
 def run(device_name: str = "cpu", min_time: float = 3.0, progress: bool = True) -> dict:
+    """Each workload's ratio uses the matmul GFLOP/s measured just before and just after it
+    (their mean), so a change of load on a shared machine during the run does not skew it."""
     device = torch.device(device_name)
     torch.manual_seed(0)
     model = BiHM(PAPER_SIZES).to(device)
@@ -147,27 +157,39 @@ def run(device_name: str = "cpu", min_time: float = 3.0, progress: bool = True) 
     B = 100
     x = random_data(B, device)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    matmuls: list[float] = []
+
+    def measure(name: str, fn: Callable[[], float], samples: int, flops: float) -> dict:
+        say(f"{name} ...")
+        before = matmul_gflops(device, B * 10, min_time / 3)
+        seconds = fn()
+        after = matmul_gflops(device, B * 10, min_time / 3)
+        matmuls.extend([before, after])
+        return workload(seconds, samples, flops, (before + after) / 2)
 
     result: dict = {"machine": machine_info(device), "model": PAPER_SIZES, "batch": B}
-    say("matmul ...")
-    matmul = matmul_gflops(device, B * 10, min_time)
-    result["matmul_gflops"] = matmul
-
     for K in (10, 100):
-        say(f"train K={K} ...")
-        seconds = bench_train(x, K, steps=max(10, int(min_time * 20_000 / (B * K))))
-        result[f"train_k{K}"] = workload(B * K / seconds, 8 * s, matmul)
-
+        steps = max(10, int(min_time * 20_000 / (B * K)))
+        result[f"train_k{K}"] = measure(
+            f"train K={K}", lambda K=K, steps=steps: bench_train(x, K, steps), B * K, 8 * s
+        )
     K_eval = 1000
-    say(f"log_likelihood K={K_eval} ...")
-    seconds = timed(lambda: model.log_likelihood(x[:10], K_eval), device, min_time)
-    result["log_likelihood"] = workload(10 * K_eval / seconds, 4 * s, matmul)
-
+    result["log_likelihood"] = measure(
+        f"log_likelihood K={K_eval}",
+        lambda: timed(lambda: model.log_likelihood(x[:10], K_eval), device, min_time),
+        10 * K_eval,
+        4 * s,
+    )
+    # Each outer sample: an ancestral p pass and log q (4s FLOPs), then `inner` q samples
+    # with their p (4s each).
     n_z, inner = 2000, 10
-    say(f"estimate_log_z2 n={n_z} inner={inner} ...")
-    seconds = timed(lambda: model.estimate_log_z2(n_z, inner), device, min_time)
-    # Each outer sample: one ancestral p pass + log q (4s), then `inner` q samples with p (4s each).
-    result["log_z2"] = workload(n_z * (1 + inner) / seconds, 4 * s, matmul)
+    result["log_z2"] = measure(
+        f"estimate_log_z2 n={n_z} inner={inner}",
+        lambda: timed(lambda: model.estimate_log_z2(n_z, inner), device, min_time),
+        n_z * (1 + inner),
+        4 * s,
+    )
+    result["matmul_gflops"] = statistics.median(matmuls)
 
     chains, proposals = 10, 100
     say(f"gibbs chains={chains} proposals={proposals} ...")
@@ -188,12 +210,15 @@ def format_table(result: dict) -> str:
     lines = [
         f"machine: {result['machine']['cpu']} ({result['machine']['torch_threads']} threads), "
         f"torch {result['machine']['torch']}",
-        f"fp32 matmul (1000x784 @ 784x300): {result['matmul_gflops']:.1f} GFLOP/s",
-        f"{'workload':<16}{'samples/s':>12}{'GFLOP/s':>10}{'ratio':>8}",
+        f"fp32 matmul (1000x784 @ 784x300): {result['matmul_gflops']:.1f} GFLOP/s (median)",
+        f"{'workload':<16}{'samples/s':>12}{'GFLOP/s':>10}{'matmul':>10}{'ratio':>8}",
     ]
     for key in ("train_k10", "train_k100", "log_likelihood", "log_z2"):
         w = result[key]
-        lines.append(f"{key:<16}{w['samples_per_s']:>12.0f}{w['gflops']:>10.1f}{w['ratio']:>8.2f}")
+        lines.append(
+            f"{key:<16}{w['samples_per_s']:>12.0f}{w['gflops']:>10.1f}"
+            f"{w['matmul_gflops']:>10.1f}{w['ratio']:>8.2f}"
+        )
     lines.append(f"gibbs: {result['gibbs']['proposals_per_s']:.0f} proposals/s")
     lines.append(f"peak memory: {result['peak_mem_mb']:.0f} MB")
     return "\n".join(lines)

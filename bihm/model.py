@@ -36,8 +36,9 @@ LOGIT_CLAMP = math.log((1.0 - 1e-6) / 1e-6)
 CHECKPOINT_FORMAT = "bihm.BiHM"
 CHECKPOINT_VERSION = 1
 
-# (x, h) pairs evaluated at once by the chunked estimators: bounds memory at any K and N.
-DEFAULT_CHUNK = 32_768
+# (x, h) pairs evaluated at once by the chunked estimators: bounds memory at any K and N;
+# small enough to stay in cache (4096 ran 1.2-1.6x faster than 32768 on a 2-core CPU).
+DEFAULT_CHUNK = 4096
 
 
 def log_bernoulli(h: Tensor, logits: Tensor) -> Tensor:

@@ -1,0 +1,23 @@
+"""`bihm bench` runs and writes the JSON schema of the performance issue (no speed asserted:
+speed goals live in benchmarks/results, not in timed tests)."""
+
+from __future__ import annotations
+
+import json
+
+from pipeline.cli import main
+
+
+def test_bench_writes_the_documented_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--min-time", "0.05", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert {"cpu", "cores", "torch_threads", "torch"} <= set(result["machine"])
+    assert result["matmul_gflops"] > 0
+    for key in ("train_k10", "train_k100", "log_likelihood", "log_z2"):
+        w = result[key]
+        assert w["samples_per_s"] > 0 and w["gflops"] > 0
+        assert abs(w["ratio"] - w["gflops"] / w["matmul_gflops"]) < 1e-9
+    assert result["gibbs"]["proposals_per_s"] > 0
+    assert result["peak_mem_mb"] > 0
+    assert "train_k10" in capsys.readouterr().out
