@@ -69,7 +69,11 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
         return 0, 1
 
     def _current_epoch(self) -> int:
-        return self.trainer.current_epoch
+        """The epoch whose shuffle the train loader uses: the number of epochs the fit loop
+        has processed. After resuming from a checkpoint written at an epoch end, Lightning
+        creates the epoch's iterator while `trainer.current_epoch` still lags by one, which
+        would repeat the previous epoch's order (tests/test_train.py resumes mid-run)."""
+        return self.trainer.fit_loop.epoch_progress.current.processed
 
     def train_dataloader(self) -> EpochDataLoader:
         self.setup()

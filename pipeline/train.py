@@ -68,13 +68,6 @@ def make_datamodule(cfg: Config, **overrides: Any):
         def prepare_data(self) -> None:
             ensure_shards(self.shard_dir, self.dataset)
 
-        def _current_epoch(self) -> int:
-            # The epoch whose shuffle the train loader uses. After resuming from a checkpoint
-            # written at a train epoch end, Lightning creates the epoch's iterator while
-            # `trainer.current_epoch` (epochs completed) still lags by one; the processed
-            # count is right in both the fresh and the resumed case (tests/test_train.py).
-            return self.trainer.fit_loop.epoch_progress.current.processed
-
     d = cfg.data
     kwargs = dict(
         shard_dir=d.shard_dir,

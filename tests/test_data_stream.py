@@ -107,12 +107,15 @@ def test_datamodule_rank_epoch_from_trainer(shards):
     directory, _ = shards
     dm = BinarizedMNISTDataModule(directory, batch_size=50, eval_batch_size=40, seed=3)
     assert dm.rank_and_world_size() == (0, 1)
-    dm.trainer = SimpleNamespace(global_rank=1, world_size=2, current_epoch=4)
+    # The epoch comes from the fit loop's count of processed epochs (right after a resume).
+    progress = SimpleNamespace(processed=4)
+    fit_loop = SimpleNamespace(epoch_progress=SimpleNamespace(current=progress))
+    dm.trainer = SimpleNamespace(global_rank=1, world_size=2, fit_loop=fit_loop)
     train = dm.train_dataloader()
     assert len(train) == SIZES["train"] // 100
     epoch4 = [idx.tolist() for _, idx in train]
     assert epoch4 == [idx.tolist() for _, idx in train]  # epoch comes from the trainer
-    dm.trainer.current_epoch = 5
+    progress.processed = 5
     assert epoch4 != [idx.tolist() for _, idx in train]
     reference = train_loader(directory, rank=1, world_size=2, batch_size=50, seed=3)
     reference.set_epoch(4)
