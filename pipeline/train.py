@@ -100,7 +100,13 @@ def ensure_shards(shard_dir: str | os.PathLike, dataset: str = "binarized_mnist"
         file=sys.stderr,
         flush=True,
     )
-    prepare(shard_dir, dataset=dataset)
+    try:
+        prepare(shard_dir, dataset=dataset)
+    except OSError as err:  # no network, unreadable source folder
+        raise TrainingError(
+            f"could not prepare the data in {shard_dir}: {err}. Without internet, set "
+            f"BIHM_DATA_SOURCE to a folder holding binarized_mnist_{{train,valid,test}}.amat[.gz]"
+        ) from err
 
 
 # --------------------------------------------------------------------------- callbacks

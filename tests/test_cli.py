@@ -104,3 +104,19 @@ def test_smoke_config_trains_on_real_data_and_improves(tmp_path):
     print(f"smoke: val log p~* {first:.2f} -> {last:.2f} in {time.time() - start:.0f} s")
     assert last > first + 10
     assert (tmp_path / "run" / "samples").is_dir() and (tmp_path / "run" / "curves.png").is_file()
+
+
+def test_train_without_data_or_network_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    """No manifest, no BIHM_DATA_SOURCE and a download that fails: exit 2, no traceback."""
+    import data_shards.sources
+
+    def no_network(url, *args, **kwargs):
+        raise OSError(f"{url}: download failed (no network)")
+
+    monkeypatch.delenv("BIHM_DATA_SOURCE", raising=False)
+    monkeypatch.setattr(data_shards.sources, "fetch", no_network)
+    argv = ["train", "--config", str(ROOT / "configs" / "smoke.yaml")]
+    argv += ["--set", f"data.shard_dir={tmp_path / 'shards'}", "--run-dir", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "could not prepare the data" in err and "BIHM_DATA_SOURCE" in err
