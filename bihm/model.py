@@ -205,19 +205,12 @@ class BiHM(nn.Module):
         ]
         return [*logits, self.prior_logits.clamp(-LOGIT_CLAMP, LOGIT_CLAMP)]
 
-    def _sample_q_and_log_q(
-        self, x: Tensor, K: int, generator: torch.Generator | None = None
-    ) -> tuple[list[Tensor], Tensor]:
-        """h_k ~ q(h | x) and log q(h_k | x), reusing the sampling logits."""
-        hs, q_logits, _ = self._q_pass(x, K, generator)
-        return hs, _sum_log_bernoulli(hs[1:], q_logits)
-
     def sample_q(self, x: Tensor, K: int, generator: torch.Generator | None = None) -> list[Tensor]:
         """[h_0 = x, h_1, ..., h_L] with h ~ q(h | x); x (*, n_0) -> each (*, K, n_l)."""
         self._check_positive(K, "K")
         self._check_x(x)
         with torch.no_grad():
-            return self._sample_q_and_log_q(x, K, generator)[0]
+            return self._q_pass(x, K, generator)[0]
 
     def _sample_p(
         self, n: int, generator: torch.Generator | None = None
@@ -593,7 +586,7 @@ class BiHM(nn.Module):
         self._check_x(x)
         self._check_mask(x, mask)
         mask = mask.to(self._dtype)
-        h1 = self._sample_q_and_log_q(x * mask, 1, generator)[0][1].squeeze(-2)
+        h1 = self._q_pass(x * mask, 1, generator)[0][1].squeeze(-2)
         x_free = sample_bernoulli(self.p_nets[0](h1), generator)
         return mask * x + (1 - mask) * x_free
 
@@ -616,7 +609,7 @@ class BiHM(nn.Module):
             raise ValueError(f"steps must be >= 0, got {steps!r}")
         x0 = self.reconstruct(x, mask, generator)
         mask = mask.to(self._dtype)
-        hs = self._sample_q_and_log_q(x0, 1, generator)[0]
+        hs = self._q_pass(x0, 1, generator)[0]
         hs = [h.squeeze(-2) for h in hs]
         for _ in range(steps):
             hs = self.gibbs_step(hs, proposals, inner, x_observed=x, mask=mask, generator=generator)
