@@ -225,7 +225,6 @@ def format_table(result: dict) -> str:
 
 
 def write_json(result: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
+    from pipeline.config import atomic_write_text
+
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
