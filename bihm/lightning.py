@@ -1,71 +1,46 @@
-"""The BiHM as a PyTorch Lightning module: model, optimiser, schedules and metrics only.
+"""The BiHM as PyTorch Lightning modules: `BiHMModule` trains and validates,
+`EvalModule` runs the authors' test evaluation (`bihm eval`).
 
 Launcher concerns (strategy, devices, nodes, cluster environment, loggers, callbacks) live
-in `pipeline/train.py`, so this module runs unchanged under a plain Trainer, DDP, Ray Train
-or SLURM. It only uses `self.trainer.world_size / global_rank` and the strategy's
-collectives (`reduce`, `all_gather`), and only at epoch ends for evaluation metrics.
+in `pipeline/`, so these modules run unchanged under a plain Trainer, DDP, Ray Train or
+SLURM. They only use `self.trainer.world_size / global_rank` and the strategy's
+collectives (`reduce`, `all_gather`), and only at epoch ends for evaluation metrics. The
+estimators over a data set, and why one process and many give the same numbers, are in
+`bihm/evaluation.py`.
 
-Exact distributed evaluation
-----------------------------
-Every per-example estimate draws its samples from a `torch.Generator` seeded by
-(seed, purpose, K, global example index), so an example gets the same samples whichever
-rank evaluates it. Ranks accumulate float64 sums, sums of squares and counts; these are
-summed across ranks at the epoch end, so the reported mean is the exact mean over the
-whole split. 2 log Z (paper Eq. 7) is estimated from N outer samples split into fixed
-chunks, chunk c seeded by (seed, c) and taken by rank c mod world_size; per-rank
-log-sum-exp partial sums of w and w^2 are all-gathered and combined by log-sum-exp, then
-`log_mean_and_sem`. One process and many therefore give the same numbers up to float
-rounding of the sums.
-
-The module takes one argument, `config`: the plain-dict form of `pipeline.config.Config`
+`BiHMModule` takes one argument, `config`: the plain-dict form of `pipeline.config.Config`
 (sections model, train, optim, validation, seed). It is stored as a hyper-parameter of
 plain types, so checkpoints load with `weights_only=True`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-import struct
-import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 
-from bihm.model import BiHM, log_mean_and_sem
-
-# The val/, train/ and test metrics are reduced exactly by this module (global sums, log-sum-exp)
-# and logged with the same value on every rank: Lightning's advice to add sync_dist does not
-# apply to them (and averaging would be wrong for 2 log Z).
-warnings.filterwarnings(
-    "ignore",
-    message=r"It is recommended to use `self\.log\('(val|train)/",
-    category=PossibleUserWarning,
-)
-
-# Purposes mixed into the seeds, so that no two uses share random numbers.
-_TRAIN, _LL, _Z, _GIBBS, _RECON, _SAMPLES = range(1, 7)
+from bihm import evaluation as ev
+from bihm.model import BiHM
+from bihm.rng import make_generator
 
 IMAGE_SHAPE = (28, 28)
+
+# Running sums of a training epoch and of a validation, by name (see evaluation.Sums).
+TRAIN_SUMS = ["n", "loss", "log_p", "log_ptilde_star", "ess"]
+VAL_ESTIMATES = ["log_p", "log_ptilde_star", "ess_pstar", "ess_p"]
+VAL_SUMS = [n for name in VAL_ESTIMATES for n in ev.moment_names(name)] + [
+    "gibbs",
+    "recon",
+    "masked",
+]
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a non-finite loss or gradient; the optimiser step was not taken."""
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from a tuple of integers (stable across processes and runs)."""
-    data = struct.pack(f"<{len(parts)}q", *(int(p) for p in parts))
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
-
-
-def make_generator(device: torch.device | str, *parts: int) -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed(mix_seed(*parts))
-    return g
 
 
 def half_mask(side: str, shape: tuple[int, int] = IMAGE_SHAPE) -> Tensor:
@@ -85,110 +60,38 @@ def half_mask(side: str, shape: tuple[int, int] = IMAGE_SHAPE) -> Tensor:
     return mask.reshape(-1)
 
 
-# --------------------------------------------------------------------------- estimators
-@torch.no_grad()
-def per_example_log_likelihood(
-    model: BiHM, x: Tensor, idx: Tensor, K: int, seed: int
-) -> tuple[Tensor, Tensor]:
-    """log p(x) and log p~*(x) with K samples, each example with its own seeded generator.
+class _Collectives:
+    """Exact cross-rank sums and gathers through the trainer's strategy (one rank: identity)."""
 
-    Returns two float64 tensors of shape (B,). The samples of example i depend only on
-    (seed, K, idx[i]), not on the batch, the rank or the number of processes.
-    """
-    log_p = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
-    log_pt = torch.empty_like(log_p)
-    for i in range(x.shape[0]):
-        g = make_generator(x.device, seed, _LL, K, int(idx[i]))
-        lp, lpt = model.log_likelihood(x[i], K, generator=g)
-        log_p[i], log_pt[i] = lp.double(), lpt.double()
-    return log_p, log_pt
+    def _rank_world(self) -> tuple[int, int]:
+        if self._trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
 
+    def _reduce_sum(self, t: Tensor) -> Tensor:
+        if self._trainer is None or self.trainer.world_size == 1:
+            return t
+        return self.trainer.strategy.reduce(t.clone(), reduce_op="sum")
 
-@torch.no_grad()
-def log_z2_partial(
-    model: BiHM,
-    n: int,
-    inner: int,
-    chunk: int,
-    seed: int,
-    rank: int = 0,
-    world_size: int = 1,
-    progress: bool = False,
-) -> Tensor:
-    """This rank's [log sum w, log sum w^2] over its chunks of the N outer Eq. 7 terms.
+    def _log_z2(self, model: BiHM, n: int, inner: int, chunk: int, seed: int, progress: bool):
+        """2 log Z (Eq. 7) and its SE: this rank's chunks, all-gathered, log-sum-exp."""
+        rank, world = self._rank_world()
+        part = ev.log_z2_partial(model, n, inner, chunk, seed, rank, world, progress)
+        if world > 1:
+            part = self.trainer.strategy.all_gather(part)
+        return ev.combine_log_z2(part, n)
 
-    Chunk c covers outer samples [c * chunk, min(n, (c + 1) * chunk)), uses a generator
-    seeded by (seed, c) and belongs to rank c mod world_size. float64, shape (2,).
-    """
-    device = model.prior_logits.device
-    lse = torch.full((2,), -math.inf, dtype=torch.float64, device=device)
-    chunks = range(rank, math.ceil(n / chunk), world_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        chunks = tqdm(chunks, desc=f"2 log Z (N={n}, rank {rank})", leave=False)
-    for c in chunks:
-        size = min(chunk, n - c * chunk)
-        g = make_generator(device, seed, _Z, c)
-        terms = model.log_z2_terms(size, inner, generator=g).double()
-        part = torch.stack([torch.logsumexp(terms, 0), torch.logsumexp(2 * terms, 0)])
-        lse = torch.logaddexp(lse, part)
-    return lse
-
-
-def combine_log_z2(partials: Tensor, n: int) -> tuple[float, float]:
-    """2 log Z and its standard error from per-rank partials (world_size, 2) by log-sum-exp."""
-    lse = torch.logsumexp(partials.reshape(-1, 2).double(), dim=0)
-    return log_mean_and_sem(float(lse[0]), float(lse[1]), n)
-
-
-def mean_and_sem(total: float, total_sq: float, n: float) -> tuple[float, float]:
-    """Mean and standard error of the mean across examples from global sums."""
-    if n <= 0:
-        return math.nan, math.nan
-    mean = total / n
-    if n < 2:
-        return mean, math.inf
-    var = max(total_sq - n * mean * mean, 0.0) / (n - 1)
-    return mean, math.sqrt(var / n)
-
-
-@torch.no_grad()
-def inpainting_errors(
-    model: BiHM,
-    x: Tensor,
-    idx: Tensor,
-    mask: Tensor,
-    *,
-    chains: int,
-    steps: int,
-    proposals: int,
-    inner: int,
-    seed: int,
-) -> Tensor:
-    """[masked-pixel errors of Gibbs inpainting, of q-then-p reconstruction, masked pixels].
-
-    Each example runs `chains` chains with generators seeded by (seed, idx): the result
-    does not depend on which rank evaluates it. float64, shape (3,).
-    """
-    out = torch.zeros(3, dtype=torch.float64, device=x.device)
-    free = 1 - mask
-    for i in range(x.shape[0]):
-        xi = x[i].expand(chains, -1)
-        mi = mask.expand(chains, -1)
-        g = make_generator(x.device, seed, _GIBBS, int(idx[i]))
-        filled = model.inpaint(xi, mi, steps=steps, proposals=proposals, inner=inner, generator=g)
-        g = make_generator(x.device, seed, _RECON, int(idx[i]))
-        recon = model.reconstruct(xi, mi, generator=g)
-        out[0] += float(((filled != xi) * free).sum())
-        out[1] += float(((recon != xi) * free).sum())
-        out[2] += float(free.sum()) * chains
-    return out
+    def _show_progress(self) -> bool:
+        return (
+            self._trainer is not None
+            and self.trainer.is_global_zero
+            and self.trainer.progress_bar_callback is not None
+        )
 
 
 # --------------------------------------------------------------------------- module
-class BiHMModule(pl.LightningModule):
-    """Trains a `BiHM` with the BiHM or RWS objective; validates and tests exactly."""
+class BiHMModule(_Collectives, pl.LightningModule):
+    """Trains a `BiHM` with the BiHM or RWS objective; validates exactly across ranks."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
@@ -199,16 +102,11 @@ class BiHMModule(pl.LightningModule):
         self.train_cfg = config["train"]
         self.optim_cfg = config["optim"]
         self.val_cfg = config["validation"]
+        # The last validation's global metrics (read by pipeline's MetricsCSV callback).
         self.epoch_metrics: dict[str, float] = {}
-        # Set by `bihm eval` before `trainer.test`: Ks, z_samples, z_inner, z_chunk, seed.
-        self.eval_settings: dict[str, Any] | None = None
-        self.eval_result: dict[str, Any] | None = None
-        # Set by `bihm validate` to run the Gibbs metrics whatever the epoch.
-        self.force_gibbs = False
-        self._train_sums: Tensor | None = None
+        self._train_sums: ev.Sums | None = None
         self._train_sums_epoch = -1
-        self._val_sums: Tensor | None = None
-        self._test_sums: Tensor | None = None
+        self._val_sums: ev.Sums | None = None
         self._loss_finite = torch.tensor(True)
 
     # ------------------------------------------------------------------ schedules
@@ -260,32 +158,12 @@ class BiHMModule(pl.LightningModule):
             fused=self.device.type in ("cpu", "cuda"),
         )
 
-    # ------------------------------------------------------------------ helpers
-    def _zeros(self, n: int) -> Tensor:
-        return torch.zeros(n, dtype=torch.float64, device=self.device)
-
-    def _reduce_sum(self, t: Tensor) -> Tensor:
-        if self._trainer is None or self.trainer.world_size == 1:
-            return t
-        return self.trainer.strategy.reduce(t.clone(), reduce_op="sum")
-
-    def _rank_world(self) -> tuple[int, int]:
-        if self._trainer is None:
-            return 0, 1
-        return self.trainer.global_rank, self.trainer.world_size
-
-    def _log_z2(self, n: int, inner: int, chunk: int, seed: int, progress: bool) -> tuple:
-        rank, world = self._rank_world()
-        part = log_z2_partial(self.model, n, inner, chunk, seed, rank, world, progress)
-        if world > 1:
-            part = self.trainer.strategy.all_gather(part)
-        return combine_log_z2(part, n)
-
     def _log_dict(self, metrics: dict[str, float], prog_bar: tuple[str, ...] = ()) -> None:
-        # Values are already global (identical on every rank): no sync_dist needed.
+        # The values are already global, the same on every rank: a max over ranks returns
+        # them unchanged (a mean could round), and it tells Lightning they are synced.
         for key, value in metrics.items():
             if math.isfinite(value):
-                self.log(key, value, prog_bar=key in prog_bar, sync_dist=False)
+                self.log(key, value, prog_bar=key in prog_bar, sync_dist=True, reduce_fx="max")
 
     # ------------------------------------------------------------------ training
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
@@ -296,24 +174,30 @@ class BiHMModule(pl.LightningModule):
             for group in opt.param_groups:
                 group["lr"] = lr
         if self._train_sums is None or self._train_sums_epoch != self.current_epoch:
-            self._train_sums = self._zeros(5)
+            self._train_sums = ev.Sums(TRAIN_SUMS, self.device)
             self._train_sums_epoch = self.current_epoch
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        x, _ = batch
+        x = batch[0]
         rank, _ = self._rank_world()
-        g = make_generator(self.device, self.seed, _TRAIN, rank, self.global_step)
+        g = make_generator(self.device, self.seed, ev.TRAIN, rank, self.global_step)
         out = self.model.loss(
             x, K=self.K_at(self.current_epoch), objective=self.train_cfg["objective"], generator=g
         )
+        loss = out.loss.detach()
         # No host sync here: the finiteness flag is read once, in on_before_optimizer_step.
-        self._loss_finite = torch.isfinite(out.loss.detach())
+        self._loss_finite = torch.isfinite(loss)
         B = x.shape[0]
-        self._train_sums += torch.stack(
-            [out.loss.detach() * B, out.log_p * B, out.log_ptilde_star * B, out.ess * B]
-            + [out.loss.new_tensor(float(B))]
-        ).double()
-        self.log("loss", out.loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        sums = self._train_sums
+        sums.add("n", float(B))
+        for name, value in (
+            ("loss", loss),
+            ("log_p", out.log_p),
+            ("log_ptilde_star", out.log_ptilde_star),
+            ("ess", out.ess),
+        ):
+            sums.add(name, value * B)
+        self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return out.loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -338,58 +222,52 @@ class BiHMModule(pl.LightningModule):
     # ------------------------------------------------------------------ validation
     def _gibbs_now(self) -> bool:
         every = int(self.val_cfg["gibbs"]["every_n_epochs"])
-        if every <= 0:
-            return False
-        return self.force_gibbs or (self.current_epoch + 1) % every == 0
+        return every > 0 and (self.current_epoch + 1) % every == 0
 
     def on_validation_epoch_start(self) -> None:
-        # n, sum log p, sum log p^2, sum log p~*, sum log p~*^2, gibbs err, recon err, masked
-        self._val_sums = self._zeros(8)
+        self._val_sums = ev.Sums(VAL_SUMS, self.device)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        x, idx = batch
+        x, idx = batch[0], batch[1]
         v = self.val_cfg
-        lp, lpt = per_example_log_likelihood(self.model, x, idx, int(v["K"]), int(v["seed"]))
-        self._val_sums[:5] += torch.stack(
-            [lp.new_tensor(float(len(lp))), lp.sum(), (lp**2).sum()] + [lpt.sum(), (lpt**2).sum()]
-        )
+        est = ev.estimates(self.model, x, idx, int(v["K"]), int(v["seed"]))
+        for name in VAL_ESTIMATES:
+            self._val_sums.add_moments(name, getattr(est, name))
         if self._gibbs_now():
             gv = v["gibbs"]
             keep = idx < int(gv["examples"])
-            if bool(keep.any()):
-                mask = half_mask("bottom").to(x)
-                self._val_sums[5:] += inpainting_errors(
-                    self.model,
-                    x[keep],
-                    idx[keep],
-                    mask,
-                    chains=int(gv["chains"]),
-                    steps=int(gv["steps"]),
-                    proposals=int(gv["proposals"]),
-                    inner=int(gv["inner"]),
-                    seed=int(v["seed"]),
-                )
+            errors = ev.inpainting_errors(
+                self.model,
+                x[keep],
+                idx[keep],
+                half_mask("bottom").to(x),
+                chains=int(gv["chains"]),
+                steps=int(gv["steps"]),
+                proposals=int(gv["proposals"]),
+                inner=int(gv["inner"]),
+                seed=int(v["seed"]),
+            )
+            for name, value in errors.items():
+                self._val_sums.add(name, value)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
         v = self.val_cfg
-        fitting = (
-            self.trainer.state.fn == "fit"
-            and self._train_sums is not None
-            and self._train_sums_epoch == self.current_epoch
-        )
-        sums = torch.cat([self._val_sums, self._train_sums if fitting else self._zeros(5)])
-        sums = self._reduce_sum(sums).tolist()
-        n = sums[0]
-        lp, lp_sem = mean_and_sem(sums[1], sums[2], n)
-        lpt, lpt_sem = mean_and_sem(sums[3], sums[4], n)
+        sums = self._val_sums.reduced(self._reduce_sum)
+        lp, lp_sem = ev.moments_mean_and_sem(sums, "log_p")
+        lpt, lpt_sem = ev.moments_mean_and_sem(sums, "log_ptilde_star")
         two_log_z, z_sem = self._log_z2(
-            int(v["z_samples"]), int(v["z_inner"]), int(v["z_chunk"]), int(v["seed"]), False
+            self.model,
+            int(v["z_samples"]),
+            int(v["z_inner"]),
+            int(v["z_chunk"]),
+            int(v["seed"]),
+            self._show_progress(),
         )
         m = {
             "epoch": float(self.current_epoch),
-            "val/n": n,
+            "val/n": sums["log_p.n"],
             "val/log_p": lp,
             "val/log_p_sem": lp_sem,
             "val/log_ptilde_star": lpt,
@@ -397,65 +275,94 @@ class BiHMModule(pl.LightningModule):
             "val/two_log_z": two_log_z,
             "val/two_log_z_sem": z_sem,
             "val/log_pstar": lpt - two_log_z,
+            "val/log_pstar_sem": ev.log_pstar_sem(lpt_sem, z_sem),
+            "val/ess_pstar": ev.moments_mean_and_sem(sums, "ess_pstar")[0],
+            "val/ess_p": ev.moments_mean_and_sem(sums, "ess_p")[0],
         }
-        if sums[7] > 0:
-            m["val/gibbs_error"] = sums[5] / sums[7]
-            m["val/recon_error"] = sums[6] / sums[7]
-        if fitting and sums[12] > 0:
-            t = sums[8:]
-            m.update(
-                {
-                    "train/loss": t[0] / t[4],
-                    "train/log_p": t[1] / t[4],
-                    "train/log_ptilde_star": t[2] / t[4],
-                    "train/ess": t[3] / t[4],
-                    "train/K": float(self.K_at(self.current_epoch)),
-                    "train/lr": self.lr_at(self.current_epoch),
-                }
-            )
+        if sums["masked"] > 0:
+            m["val/gibbs_error"] = sums["gibbs"] / sums["masked"]
+            m["val/recon_error"] = sums["recon"] / sums["masked"]
+        fitting = (
+            self.trainer.state.fn == "fit"
+            and self._train_sums is not None
+            and self._train_sums_epoch == self.current_epoch
+        )
+        if fitting:  # every rank takes part: the same number of train steps on each
+            t = self._train_sums.reduced(self._reduce_sum)
+            if t["n"] > 0:
+                m.update(
+                    {
+                        "train/loss": t["loss"] / t["n"],
+                        "train/log_p": t["log_p"] / t["n"],
+                        "train/log_ptilde_star": t["log_ptilde_star"] / t["n"],
+                        "train/ess": t["ess"] / t["n"],
+                        "train/K": float(self.K_at(self.current_epoch)),
+                        "train/lr": self.lr_at(self.current_epoch),
+                    }
+                )
         self.epoch_metrics = m
         self._log_dict(
             {k: val for k, val in m.items() if k != "epoch"}, prog_bar=("val/log_ptilde_star",)
         )
 
-    # ------------------------------------------------------------------ test (bihm eval)
-    def _eval_Ks(self) -> list[int]:
-        if self.eval_settings is None:
-            raise RuntimeError("set module.eval_settings (Ks, z_samples, ...) before testing")
-        return [int(k) for k in self.eval_settings["Ks"]]
+
+class EvalModule(_Collectives, pl.LightningModule):
+    """The authors' evaluation of a trained model (`bihm eval`), as `trainer.test`:
+
+    for each K, the test means of log p(x), log p~*(x), log p*(x) = log p~*(x) - 2 log Z
+    with standard errors across examples, and the mean ESS of both weight kinds; 2 log Z
+    from `z_samples` outer samples of Eq. 7. Everything is reduced exactly across ranks
+    (see bihm/evaluation.py). After `trainer.test`, `result` holds the table.
+    """
+
+    def __init__(
+        self,
+        model: BiHM,
+        *,
+        Ks: Sequence[int],
+        z_samples: int,
+        z_inner: int = 10,
+        z_chunk: int = 10_000,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.Ks = [int(k) for k in Ks]
+        self.z_samples, self.z_inner, self.z_chunk, self.seed = z_samples, z_inner, z_chunk, seed
+        self.names = [
+            n for K in self.Ks for e in VAL_ESTIMATES for n in ev.moment_names(f"{e}@{K}")
+        ]
+        self.result: dict[str, Any] | None = None
+        self._sums: ev.Sums | None = None
 
     def on_test_epoch_start(self) -> None:
-        # per K: sum log p, sum log p^2, sum log p~*, sum log p~*^2; then n
-        self._test_sums = self._zeros(4 * len(self._eval_Ks()) + 1)
+        self._sums = ev.Sums(self.names, self.device)
 
     def test_step(self, batch, batch_idx: int) -> None:
-        x, idx = batch
-        seed = int(self.eval_settings["seed"])
-        for j, K in enumerate(self._eval_Ks()):
-            lp, lpt = per_example_log_likelihood(self.model, x, idx, K, seed)
-            self._test_sums[4 * j : 4 * j + 4] += torch.stack(
-                [lp.sum(), (lp**2).sum(), lpt.sum(), (lpt**2).sum()]
-            )
-        self._test_sums[-1] += x.shape[0]
+        x, idx = batch[0], batch[1]
+        for K in self.Ks:
+            est = ev.estimates(self.model, x, idx, K, self.seed)
+            for name in VAL_ESTIMATES:
+                self._sums.add_moments(f"{name}@{K}", getattr(est, name))
 
     def on_test_epoch_end(self) -> None:
-        s = self.eval_settings
-        sums = self._reduce_sum(self._test_sums).tolist()
-        n = sums[-1]
+        sums = self._sums.reduced(self._reduce_sum)
         two_log_z, z_sem = self._log_z2(
-            int(s["z_samples"]),
-            int(s["z_inner"]),
-            int(s["z_chunk"]),
-            int(s["seed"]),
-            progress=bool(s.get("progress", True)) and self.trainer.is_global_zero,
+            self.model,
+            self.z_samples,
+            self.z_inner,
+            self.z_chunk,
+            self.seed,
+            self._show_progress(),
         )
-        result: dict[str, Any] = {"log_p": {}, "log_ptilde_star": {}, "log_pstar": {}}
-        for j, K in enumerate(self._eval_Ks()):
-            lp, lp_sem = mean_and_sem(sums[4 * j], sums[4 * j + 1], n)
-            lpt, lpt_sem = mean_and_sem(sums[4 * j + 2], sums[4 * j + 3], n)
-            result["log_p"][str(K)] = {"mean": lp, "sem": lp_sem}
-            result["log_ptilde_star"][str(K)] = {"mean": lpt, "sem": lpt_sem}
-            result["log_pstar"][str(K)] = {"mean": lpt - two_log_z, "sem": lpt_sem}
-        result["two_log_z"] = {"value": two_log_z, "sem": z_sem, "n": int(s["z_samples"])}
-        result["n_examples"] = int(n)
-        self.eval_result = result
+        result = ev.evaluation_table(sums, self.Ks, two_log_z, z_sem)
+        result["ess"] = {
+            str(K): {
+                "pstar": ev.moments_mean_and_sem(sums, f"ess_pstar@{K}")[0] / K,
+                "p": ev.moments_mean_and_sem(sums, f"ess_p@{K}")[0] / K,
+            }
+            for K in self.Ks
+        }
+        result["two_log_z"] = {"value": two_log_z, "sem": z_sem, "n": self.z_samples}
+        result["n_examples"] = int(sums[f"log_p@{self.Ks[0]}.n"])
+        self.result = result

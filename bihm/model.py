@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bihm.rng import Generator, RowStreams, uniform
+
 # The authors clip sigmoid outputs to [1e-6, 1 - 1e-6]; clamping the logits is the same
 # thing in log space and keeps log-probabilities finite.
 LOGIT_CLAMP = math.log((1.0 - 1e-6) / 1e-6)
@@ -47,17 +49,19 @@ def log_bernoulli(h: Tensor, logits: Tensor) -> Tensor:
     return (h * a - F.softplus(a)).sum(-1)
 
 
-def sample_bernoulli(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def sample_bernoulli(logits: Tensor, generator: Generator = None) -> Tensor:
     """h ~ Bern(sigmoid(a)), as float 0/1, with the same clamp as `log_bernoulli`."""
     probs = torch.sigmoid(logits.detach().clamp(-LOGIT_CLAMP, LOGIT_CLAMP))
     return bernoulli_from_probs(probs, probs.shape, generator)
 
 
 def bernoulli_from_probs(
-    probs: Tensor, shape: Sequence[int], generator: torch.Generator | None = None
+    probs: Tensor, shape: Sequence[int], generator: Generator = None
 ) -> Tensor:
-    """h ~ Bern(probs) of the given shape (probs broadcast to it), as float 0/1."""
-    u = torch.rand(shape, generator=generator, device=probs.device, dtype=probs.dtype)
+    """h ~ Bern(probs) of the given shape (probs broadcast to it), as float 0/1.
+
+    With a `RowStreams` generator, row i (the first dimension) draws from stream i."""
+    u = uniform(shape, generator, probs.device, probs.dtype)
     return (u < probs).to(probs.dtype)
 
 
@@ -94,6 +98,16 @@ class LossOutput:
     log_p: Tensor  # log p(x) estimate with the K training samples
     log_ptilde_star: Tensor  # log p~*(x) estimate with the K training samples
     ess: Tensor  # effective sample size of the objective's own weights, in [1, K]
+
+
+@dataclass
+class Estimates:
+    """Per-example importance-sampling estimates from one set of K samples h_k ~ q(h | x)."""
+
+    log_p: Tensor  # log p(x)
+    log_ptilde_star: Tensor  # log p~*(x)
+    ess_pstar: Tensor  # ESS of w = sqrt(p(x, h) / q(h | x)), in [1, K]
+    ess_p: Tensor  # ESS of w = p(x, h) / q(h | x), in [1, K]
 
 
 @dataclass
@@ -177,7 +191,7 @@ class BiHM(nn.Module):
 
     # ------------------------------------------------------------------ sampling
     def _q_pass(
-        self, x: Tensor, K: int, generator: torch.Generator | None = None
+        self, x: Tensor, K: int, generator: Generator = None
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """h_k ~ q(h | x) bottom-up: returns hs ([x, h_1, .., h_L], each (*, K, n_l)) and the
         clamped q logits of h_1 .. h_L and their sigmoids. Layer 1's logits depend on x
@@ -205,16 +219,14 @@ class BiHM(nn.Module):
         ]
         return [*logits, self.prior_logits.clamp(-LOGIT_CLAMP, LOGIT_CLAMP)]
 
-    def sample_q(self, x: Tensor, K: int, generator: torch.Generator | None = None) -> list[Tensor]:
+    def sample_q(self, x: Tensor, K: int, generator: Generator = None) -> list[Tensor]:
         """[h_0 = x, h_1, ..., h_L] with h ~ q(h | x); x (*, n_0) -> each (*, K, n_l)."""
         self._check_positive(K, "K")
         self._check_x(x)
         with torch.no_grad():
             return self._q_pass(x, K, generator)[0]
 
-    def _sample_p(
-        self, n: int, generator: torch.Generator | None = None
-    ) -> tuple[list[Tensor], Tensor]:
+    def _sample_p(self, n: int, generator: Generator = None) -> tuple[list[Tensor], Tensor]:
         """(x, h) ~ p(x, h), top-down, and log p(x, h), reusing the sampling logits."""
         logits = self.prior_logits.expand(n, -1)
         h = sample_bernoulli(logits, generator)
@@ -226,7 +238,7 @@ class BiHM(nn.Module):
             hs.append(h)
         return hs[::-1], log_p
 
-    def sample_p(self, n: int, generator: torch.Generator | None = None) -> list[Tensor]:
+    def sample_p(self, n: int, generator: Generator = None) -> list[Tensor]:
         """[x, h_1, ..., h_L] ~ p(x, h) by ancestral sampling, each of shape (n, n_l)."""
         self._check_positive(n, "n")
         with torch.no_grad():
@@ -249,7 +261,7 @@ class BiHM(nn.Module):
             log_q = log_q + log_bernoulli(hs[l + 1], net(hs[l]))
         return log_q
 
-    def _log_weights(self, x: Tensor, K: int, generator: torch.Generator | None = None) -> Tensor:
+    def _log_weights(self, x: Tensor, K: int, generator: Generator = None) -> Tensor:
         """d_k = log p(x, h_k) - log q(h_k | x) for h_k ~ q(h | x); shape (*, K)."""
         hs, q_logits, _ = self._q_pass(x, K, generator)
         log_p, log_q = _log_p_and_log_q(hs, self._p_logits(hs), q_logits)
@@ -261,7 +273,7 @@ class BiHM(nn.Module):
         x: Tensor,
         K: int = 10,
         objective: str = "bihm",
-        generator: torch.Generator | None = None,
+        generator: Generator = None,
     ) -> LossOutput:
         """Surrogate whose gradient is the paper's Algorithm 1 (or RWS), batch-averaged.
 
@@ -301,7 +313,7 @@ class BiHM(nn.Module):
         K: int,
         bihm: bool,
         want_grads: bool,
-        generator: torch.Generator | None = None,
+        generator: Generator = None,
     ) -> tuple[Tensor, Tensor, Tensor, list[Tensor] | None]:
         """The training step's arithmetic, without autograd: the batch-mean surrogate, d,
         log w and (if wanted) the parameter gradients of -surrogate."""
@@ -360,17 +372,18 @@ class BiHM(nn.Module):
 
     # ------------------------------------------------------------------ estimators
     @torch.no_grad()
-    def _chunked_log_weights(
-        self, x: Tensor, K: int, chunk: int, generator: torch.Generator | None
-    ):
+    def _chunked_log_weights(self, x: Tensor, K: int, chunk: int, generator: Generator):
         """Yield (x rows, d of shape (rows, k)) covering all (example, k) pairs in chunks."""
         x = x.reshape(-1, x.shape[-1])
         k_chunk = max(1, min(K, chunk))
         rows = max(1, chunk // k_chunk)
         for start in range(0, x.shape[0], rows):
             xb = x[start : start + rows]
+            # Per-row streams continue in the same order (chunk by chunk over K) whatever
+            # the number of rows per chunk, so a row's samples do not depend on the batch.
+            g = generator[start : start + rows] if isinstance(generator, RowStreams) else generator
             for k0 in range(0, K, k_chunk):
-                yield start, self._log_weights(xb, min(k_chunk, K - k0), generator)
+                yield start, self._log_weights(xb, min(k_chunk, K - k0), g)
 
     @torch.no_grad()
     def log_likelihood(
@@ -378,7 +391,7 @@ class BiHM(nn.Module):
         x: Tensor,
         K: int,
         chunk: int = DEFAULT_CHUNK,
-        generator: torch.Generator | None = None,
+        generator: Generator = None,
     ) -> tuple[Tensor, Tensor]:
         """Per-example importance-sampling estimates with K samples h_k ~ q(h | x):
 
@@ -389,25 +402,41 @@ class BiHM(nn.Module):
         at most `chunk` (x, h) pairs, so K = 10,000 on 10,000 images fits in memory.
         Returns (log_p, log_ptilde_star), each of x's leading shape.
         """
+        est = self.estimates(x, K, chunk, generator)
+        return est.log_p, est.log_ptilde_star
+
+    @torch.no_grad()
+    def estimates(
+        self,
+        x: Tensor,
+        K: int,
+        chunk: int = DEFAULT_CHUNK,
+        generator: Generator = None,
+    ) -> Estimates:
+        """`log_likelihood`'s two estimates and the ESS of both weight kinds, from the same
+        K samples: with S_a = logsumexp_k(a d_k), ESS = exp(2 S_a - S_2a) for the weights
+        w = exp(a d), i.e. a = 1/2 (p* weights) and a = 1 (p weights). One pass, chunked."""
         self._check_positive(K, "K")
         self._check_positive(chunk, "chunk")
         self._check_x(x)
         lead = x.shape[:-1]
         n = math.prod(lead)
-        lse_d = torch.full((n,), -math.inf, device=self._device, dtype=self._dtype)
-        lse_half = lse_d.clone()
+        # S_{1/2}, S_1, S_2 accumulated over the chunks of K by log-sum-exp.
+        lse = torch.full((3, n), -math.inf, device=self._device, dtype=self._dtype)
         for start, d in self._chunked_log_weights(x, K, chunk, generator):
             rows = slice(start, start + d.shape[0])
-            lse_d[rows] = torch.logaddexp(lse_d[rows], torch.logsumexp(d, -1))
-            lse_half[rows] = torch.logaddexp(lse_half[rows], torch.logsumexp(d / 2, -1))
-        log_p = lse_d - math.log(K)
-        log_ptilde_star = 2 * (lse_half - math.log(K))
-        return log_p.reshape(lead), log_ptilde_star.reshape(lead)
+            part = torch.stack([torch.logsumexp(a * d, -1) for a in (0.5, 1.0, 2.0)])
+            lse[:, rows] = torch.logaddexp(lse[:, rows], part)
+        half, one, two = lse
+        return Estimates(
+            log_p=(one - math.log(K)).reshape(lead),
+            log_ptilde_star=(2 * (half - math.log(K))).reshape(lead),
+            ess_pstar=torch.exp(2 * half - one).reshape(lead),
+            ess_p=torch.exp(2 * one - two).reshape(lead),
+        )
 
     @torch.no_grad()
-    def log_z2_terms(
-        self, n: int, inner: int = 10, generator: torch.Generator | None = None
-    ) -> Tensor:
+    def log_z2_terms(self, n: int, inner: int = 10, generator: Generator = None) -> Tensor:
         """The n outer terms of the paper's Eq. 7 estimator of Z^2, in log space:
 
             (x, h) ~ p(x, h),  h'_m ~ q(h | x), m = 1..M (M = inner)
@@ -428,7 +457,7 @@ class BiHM(nn.Module):
         n: int,
         inner: int = 10,
         chunk: int = DEFAULT_CHUNK,
-        generator: torch.Generator | None = None,
+        generator: Generator = None,
     ) -> tuple[float, float]:
         """2 log Z ~ logsumexp_n(term_n) - log N (Eq. 7), and its delta-method standard error.
 
@@ -446,7 +475,7 @@ class BiHM(nn.Module):
         return log_mean_and_sem(lse_w, lse_w2, n)
 
     @torch.no_grad()
-    def ess(self, x: Tensor, K: int, generator: torch.Generator | None = None) -> ESS:
+    def ess(self, x: Tensor, K: int, generator: Generator = None) -> ESS:
         """Effective sample sizes (sum w)^2 / sum w^2 of K samples h_k ~ q(h | x), per example,
         for the p* weights w = sqrt(p/q) and the p weights w = p/q. A BiHM's q matches
         p*'s posterior far better than p's, so ESS_pstar >> ESS_p (paper, Sec. 4)."""
@@ -457,7 +486,7 @@ class BiHM(nn.Module):
 
     # ------------------------------------------------------------------ sampling from p*
     def _gibbs_update_latent(
-        self, hs: list[Tensor], l: int, S: int, generator: torch.Generator | None
+        self, hs: list[Tensor], l: int, S: int, generator: Generator
     ) -> Tensor:
         """New h_l given its neighbours, by importance resampling over 2S + 1 candidates.
 
@@ -495,7 +524,7 @@ class BiHM(nn.Module):
         inner: int,
         x_observed: Tensor | None,
         mask: Tensor | None,
-        generator: torch.Generator | None,
+        generator: Generator,
     ) -> Tensor:
         """New x given h_1, by importance resampling over S + 1 candidates.
 
@@ -527,7 +556,7 @@ class BiHM(nn.Module):
         inner: int = 10,
         x_observed: Tensor | None = None,
         mask: Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generator = None,
     ) -> list[Tensor]:
         """One block Gibbs sweep on p*(x, h): all odd layers, then all even layers.
 
@@ -554,7 +583,7 @@ class BiHM(nn.Module):
         steps: int = 250,
         proposals: int = 1000,
         inner: int = 10,
-        generator: torch.Generator | None = None,
+        generator: Generator = None,
     ) -> list[Tensor]:
         """n samples [x, h_1, ..., h_L] from p* by block Gibbs, started from ancestral p samples."""
         self._check_positive(n, "n")
@@ -576,9 +605,7 @@ class BiHM(nn.Module):
             raise ValueError("mask must be binary (1 = observed pixel, 0 = to fill in)")
 
     @torch.no_grad()
-    def reconstruct(
-        self, x: Tensor, mask: Tensor, generator: torch.Generator | None = None
-    ) -> Tensor:
+    def reconstruct(self, x: Tensor, mask: Tensor, generator: Generator = None) -> Tensor:
         """Plain q-then-p fill-in: h ~ q(h | x with the missing pixels 0), x_free ~ p(x | h_1).
 
         The baseline that Gibbs inpainting from p* is compared against.
@@ -598,7 +625,7 @@ class BiHM(nn.Module):
         steps: int = 100,
         proposals: int = 1000,
         inner: int = 10,
-        generator: torch.Generator | None = None,
+        generator: Generator = None,
     ) -> Tensor:
         """Fill in the pixels of x (B, n_0) where mask == 0 by Gibbs sampling from p*,
         clamping the observed ones (mask == 1). Starts from `reconstruct`. Returns x (B, n_0);
@@ -712,8 +739,13 @@ class _LocalGradients(torch.autograd.Function):
         return (None, None, *(grad_output * g for g in ctx.grads))
 
 
-def _pick(candidates: Tensor, log_weight: Tensor, generator: torch.Generator | None) -> Tensor:
-    """For each chain c pick candidates[c, j] with probability softmax_j(log_weight[c])."""
-    probs = torch.softmax(log_weight, dim=-1)
-    idx = torch.multinomial(probs, 1, generator=generator)  # (C, 1)
+def _pick(candidates: Tensor, log_weight: Tensor, generator: Generator) -> Tensor:
+    """For each chain c pick candidates[c, j] with probability softmax_j(log_weight[c]).
+
+    By inversion of the cumulative weights with one uniform per chain (not
+    torch.multinomial), so that per-chain streams (`RowStreams`) work too: the first j
+    with cdf_j >= (1 - u) cdf_J. As 1 - u > 0, a zero-weight candidate is never picked."""
+    cdf = torch.softmax(log_weight, dim=-1).cumsum(-1)
+    u = uniform((cdf.shape[0], 1), generator, cdf.device, cdf.dtype)
+    idx = (cdf < (1 - u) * cdf[:, -1:]).sum(-1, keepdim=True).clamp_(max=cdf.shape[-1] - 1)
     return candidates.gather(1, idx.unsqueeze(-1).expand(-1, 1, candidates.shape[-1])).squeeze(1)

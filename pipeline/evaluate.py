@@ -3,7 +3,7 @@
 A checkpoint is a Lightning .ckpt written by `bihm train` (loaded with weights_only=True;
 the run's config is in its hyper-parameters) or a file written by `BiHM.save`.
 `eval` and `validate` run through a Lightning Trainer, so `--devices N` spreads the work
-over N processes (DDP) with the same numbers up to float rounding: see bihm/lightning.py.
+over N processes (DDP) with the same numbers up to float rounding: see bihm/evaluation.py.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from bihm.lightning import BiHMModule, half_mask, make_generator
+from bihm import evaluation as ev
+from bihm.lightning import BiHMModule, EvalModule, half_mask
 from bihm.model import CHECKPOINT_FORMAT, BiHM
+from bihm.rng import RowStreams
 from pipeline.config import (
     Config,
     ConfigError,
@@ -139,18 +141,13 @@ def evaluate(
     progress: bool = True,
 ) -> tuple[dict[str, Any], bool]:
     """The authors' evaluation table as a dict; returns (result, is_global_zero)."""
-    module.eval_settings = {
-        "Ks": Ks,
-        "z_samples": z_samples,
-        "z_inner": z_inner,
-        "z_chunk": z_chunk,
-        "seed": seed,
-        "progress": progress,
-    }
+    evaluator = EvalModule(
+        module.model, Ks=Ks, z_samples=z_samples, z_inner=z_inner, z_chunk=z_chunk, seed=seed
+    )
     dm = SplitDataModule(cfg.data.shard_dir, split, batch_size, limit)
     trainer = _trainer(cfg, devices, num_nodes, progress)
-    trainer.test(module, datamodule=dm, verbose=False)
-    result = dict(module.eval_result)
+    trainer.test(evaluator, datamodule=dm, verbose=False)
+    result = dict(evaluator.result)
     result.update(split=split, z_inner=z_inner, seed=seed, processes=trainer.world_size)
     return result, trainer.is_global_zero
 
@@ -218,14 +215,14 @@ def validate(
     """The training-time validation metrics (config's validation section, with Gibbs)."""
     from pipeline.train import make_datamodule
 
-    module.force_gibbs = True
     trainer = _trainer(cfg, devices, num_nodes, progress)
     trainer.validate(module, datamodule=make_datamodule(cfg), verbose=False)
     return dict(module.epoch_metrics), trainer.is_global_zero
 
 
 def _validate(args: argparse.Namespace) -> int:
-    module, cfg = load_checkpoint(args.checkpoint, args.set)
+    # The Gibbs inpainting metrics are part of this report whatever the training cadence.
+    module, cfg = load_checkpoint(args.checkpoint, [*args.set, "validation.gibbs.every_n_epochs=1"])
     metrics, is_zero = validate(
         module, cfg, devices=args.devices, num_nodes=args.num_nodes, progress=not args.no_progress
     )
@@ -282,10 +279,10 @@ def _inpaint(args: argparse.Namespace) -> int:
     for i in tqdm(range(x.shape[0]), desc="inpainting digits", disable=args.no_progress):
         xi = x[i].expand(args.chains, -1)
         mi = mask.expand(args.chains, -1)
-        g = make_generator(device, args.seed, 8, i)
-        recon = model.reconstruct(xi[:1], mi[:1], generator=g)
+        streams = RowStreams.keyed(device, args.seed, ev.GIBBS, i, keys=range(args.chains))
+        recon = model.reconstruct(xi[:1], mi[:1], generator=streams[:1])
         filled = model.inpaint(
-            xi, mi, steps=args.steps, proposals=args.proposals, inner=args.inner, generator=g
+            xi, mi, steps=args.steps, proposals=args.proposals, inner=args.inner, generator=streams
         )
         shown = x[i] * mask + 0.5 * (1 - mask)
         rows.append(torch.cat([x[i][None], shown[None], recon, filled]))

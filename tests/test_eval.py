@@ -11,11 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bihm.lightning import (
-    combine_log_z2,
-    log_z2_partial,
-    per_example_log_likelihood,
-)
+from bihm import evaluation as ev
+from bihm.evaluation import combine_log_z2, log_z2_partial
 from bihm.model import BiHM
 from pipeline.cli import main
 from pipeline.config import config_from_dict
@@ -75,24 +72,43 @@ def test_log_z_chunks_combine_exactly_across_any_rank_count():
 
 
 def _gen(seed, chunk):
-    from bihm.lightning import _Z, make_generator
+    from bihm.rng import make_generator
 
-    return make_generator("cpu", seed, _Z, chunk)
+    return make_generator("cpu", seed, ev.LOG_Z, chunk)
 
 
-def test_per_example_estimates_do_not_depend_on_batching():
+def _estimates(model, x, idx, K, seed, batch):
+    parts = [
+        ev.estimates(model, x[i : i + batch], idx[i : i + batch], K, seed)
+        for i in range(0, x.shape[0], batch)
+    ]
+    return {
+        name: torch.cat([getattr(p, name) for p in parts])
+        for name in ("log_p", "log_ptilde_star", "ess_pstar", "ess_p")
+    }
+
+
+@pytest.mark.parametrize("K", [7, 1000])  # K = 1000: several rows per chunk and chunks per row
+def test_per_example_estimates_do_not_depend_on_batch_size_or_order(K):
     torch.manual_seed(0)
     model = BiHM([784, 12, 6])
     x = (torch.rand(10, 784) < 0.3).float()
     idx = torch.arange(100, 110)
-    lp, lpt = per_example_log_likelihood(model, x, idx, 7, seed=3)
+    ref = _estimates(model, x, idx, K, seed=3, batch=10)
     perm = torch.randperm(10)
-    lp2, lpt2 = per_example_log_likelihood(model, x[perm], idx[perm], 7, seed=3)
-    torch.testing.assert_close(lp2, lp[perm], rtol=0, atol=0)
-    torch.testing.assert_close(lpt2, lpt[perm], rtol=0, atol=0)
-    assert (lpt <= lp + 1e-9).all()
+    for batch in (1, 3, 7):
+        got = _estimates(model, x[perm], idx[perm], K, seed=3, batch=batch)
+        for name, value in got.items():
+            # The same samples; only the matmul's blocking may differ with the row count,
+            # by an ulp of float32 log-weights of size ~500 (3e-5), which the ESS
+            # exp(2 S_1/2 - S_1) turns into a relative 3e-5.
+            rtol = 1e-4 if name.startswith("ess") else 1e-6
+            torch.testing.assert_close(value, ref[name][perm], rtol=rtol, atol=0)
+    assert (ref["log_ptilde_star"] <= ref["log_p"] + 1e-9).all()
+    assert ((1 <= ref["ess_p"]) & (ref["ess_p"] <= ref["ess_pstar"] + 1e-6)).all()
+    assert (ref["ess_pstar"] <= K + 1e-6).all()
     # Another seed gives other samples.
-    assert not torch.equal(per_example_log_likelihood(model, x, idx, 7, seed=4)[0], lp)
+    assert not torch.equal(ev.estimates(model, x, idx, K, seed=4).log_p, ref["log_p"])
 
 
 # --------------------------------------------------------------------------- 1 vs 2 processes
@@ -170,6 +186,14 @@ def test_eval_json_schema_and_two_processes(trained, tmp_path):
         for entry in one[key].values():
             assert set(entry) == {"mean", "sem"} and entry["sem"] > 0
     assert set(one["two_log_z"]) == {"value", "sem", "n"} and one["two_log_z"]["n"] == 3000
+    z_sem = one["two_log_z"]["sem"]
+    for k in ("1", "10", "50"):  # log p* carries the standard errors of p~* and of 2 log Z
+        assert one["log_pstar"][k]["sem"] == pytest.approx(
+            math.hypot(one["log_ptilde_star"][k]["sem"], z_sem)
+        )
+        ess = one["ess"][k]  # fractions ESS / K; sqrt-weights are the flatter ones
+        assert 0 < ess["p"] <= ess["pstar"] <= 1
+    assert one["ess"]["1"] == {"p": 1.0, "pstar": 1.0}
     assert one["n_examples"] == 129 and (one["processes"], two["processes"]) == (1, 2)
     # Estimates tighten with K (stochastic lower bounds); log p* = log p~* - 2 log Z.
     means = [one["log_ptilde_star"][k]["mean"] for k in ("1", "10", "50")]
@@ -178,8 +202,12 @@ def test_eval_json_schema_and_two_processes(trained, tmp_path):
         assert one["log_pstar"][k]["mean"] == pytest.approx(
             one["log_ptilde_star"][k]["mean"] - one["two_log_z"]["value"]
         )
-    one.pop("processes"), two.pop("processes")
+    # Another batch size: the same samples per example, so the same numbers.
+    assert main([*common, "--batch-size", "50", "--json", str(tmp_path / "b50.json")]) == 0
+    b50 = json.loads((tmp_path / "b50.json").read_text())
+    one.pop("processes"), two.pop("processes"), b50.pop("processes")
     _assert_same_numbers(one, two)
+    _assert_same_numbers(one, b50)
     assert "log p~*" in proc.stdout and "2 log Z" in proc.stdout  # the table, from rank 0 only
     assert proc.stdout.count("2 log Z") == 1
 
