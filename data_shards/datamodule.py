@@ -17,10 +17,11 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
 
     Rank and world size come from the attached trainer (Lightning DDP, Ray's RayDDPStrategy),
     else from torch.distributed, else 0 / 1. Training gives every rank the same number of
-    batches per epoch and reshuffles from (seed, epoch): the train loader reads
-    trainer.current_epoch each time an epoch starts iterating it (see EpochDataLoader), so no
-    `reload_dataloaders_every_n_epochs` is needed. Validation and test see each sample exactly
-    once over all ranks and workers. `*_limit` keeps the samples with idx < limit.
+    batches per epoch and reshuffles from (seed, epoch), by default as a fresh permutation of
+    the whole split (`shuffle="permutation"`; "buffer" streams through a shuffle buffer). The
+    train loader reads the epoch each time an epoch starts iterating it (see EpochDataLoader),
+    so no `reload_dataloaders_every_n_epochs` is needed. Validation and test see each sample
+    exactly once over all ranks and workers. `*_limit` keeps the samples with idx < limit.
     Shards of dynamically binarized MNIST are resampled per (seed, epoch, idx) in training and
     drawn once, with a fixed seed independent of `seed`, for validation and test.
     DataLoader workers are started afresh every epoch (they copy the epoch when they start).
@@ -32,6 +33,7 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
         batch_size: int = 100,
         eval_batch_size: int = 500,
         num_workers: int = 0,
+        shuffle: str = "permutation",
         shuffle_buffer: int = 5000,
         seed: int = 0,
         train_limit: int | None = None,
@@ -44,6 +46,7 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
+        self.shuffle = shuffle
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.limits = {"train": train_limit, "valid": valid_limit, "test": test_limit}
@@ -84,6 +87,7 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
             world_size=world_size,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
+            shuffle=self.shuffle,
             shuffle_buffer=self.shuffle_buffer,
             seed=self.seed,
             limit=self.limits["train"],

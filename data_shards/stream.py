@@ -1,8 +1,14 @@
 """Streaming the shards into PyTorch: training and evaluation pipelines.
 
-Training (`TrainStream`): each (rank, worker) "slot" reads its share of the shards in an endless
-loop, through a seeded shuffle buffer, and yields exactly its quota of full batches, so every rank
-gets floor(n / (batch_size * world_size)) batches per epoch (DDP hangs if ranks differ). Shares:
+Training (`TrainStream`): every rank gets floor(n / (batch_size * world_size)) batches per epoch
+(DDP hangs if ranks differ). Two orders:
+- "permutation" (default, as the authors' code): every epoch is a fresh permutation of the whole
+  training set, drawn from (seed, epoch) and the same on every rank; global batch j goes to rank
+  j mod world_size, and a rank's batches to its DataLoader workers round-robin. Each slot holds
+  the split in memory (bit-packed: 5 MB for binarized MNIST).
+- "buffer", for splits too large to hold: each (rank, worker) "slot" reads its share of the
+  shards in an endless loop, through a seeded shuffle buffer, and yields exactly its quota of
+  full batches. Shares:
 shards are dealt to the slots whole (a fresh deal per pass, from (seed, epoch)) as far as they go
 round; the few left over are read by every slot, which keeps the samples with
 idx % slots == slot. So shares are equal (an epoch is close to one permutation of the data) and
@@ -247,8 +253,18 @@ class TrainStream(_SplitStream):
     (seed, epoch, slot), and so is the dynamic binarization (of (seed, epoch, idx)).
     """
 
-    def __init__(self, spec: SplitSpec, *, shuffle_buffer: int = 5000, **kwargs):
+    def __init__(
+        self,
+        spec: SplitSpec,
+        *,
+        shuffle: str = "permutation",
+        shuffle_buffer: int = 5000,
+        **kwargs,
+    ):
         super().__init__(spec, **kwargs)
+        if shuffle not in ("permutation", "buffer"):
+            raise ValueError(f"shuffle must be 'permutation' or 'buffer', got {shuffle!r}")
+        self.shuffle = shuffle
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.epoch = 0
         self.batches_per_epoch = spec.n // (self.batch_size * self.world_size)
@@ -257,6 +273,7 @@ class TrainStream(_SplitStream):
                 f"split {spec.name!r}: {spec.n} samples cannot give every one of "
                 f"{self.world_size} ranks a batch of {self.batch_size}"
             )
+        self._samples: list[Sample] | None = None  # the split, loaded once per process
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -295,8 +312,21 @@ class TrainStream(_SplitStream):
                     f"split {self.spec.name!r}: no training samples for slot {slot} of {slots}"
                 )
 
+    def _permuted_batches(self, worker: int, workers: int) -> Iterator[PackedBatch]:
+        """This (rank, worker)'s batches of the epoch's permutation of the whole split."""
+        if self._samples is None:
+            self._samples = [s for shard in self.spec.shards for s in read_shard(shard, self.spec)]
+            self._samples = self._samples[: self.spec.n]
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self._samples))
+        B, world = self.batch_size, self.world_size
+        for j in range(worker, self.batches_per_epoch, workers):
+            start = (j * world + self.rank) * B
+            yield self._collate([self._samples[i] for i in order[start : start + B]])
+
     def __iter__(self):
         worker, workers = _worker()
+        if self.shuffle == "permutation":
+            return self._permuted_batches(worker, workers)
         slot, slots = self.rank * workers + worker, self.world_size * workers
         quota = self.batches_per_epoch // workers + (worker < self.batches_per_epoch % workers)
         pipeline = wds.DataPipeline(
@@ -389,6 +419,7 @@ def train_loader(
     world_size: int = 1,
     batch_size: int = 100,
     num_workers: int = 0,
+    shuffle: str = "permutation",
     shuffle_buffer: int = 5000,
     seed: int = 0,
     limit: int | None = None,
@@ -406,6 +437,7 @@ def train_loader(
         rank=rank,
         world_size=world_size,
         batch_size=batch_size,
+        shuffle=shuffle,
         shuffle_buffer=shuffle_buffer,
         seed=seed,
         with_labels=with_labels,

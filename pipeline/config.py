@@ -46,6 +46,11 @@ class DataConfig:
     batch_size: int = 100
     eval_batch_size: int = 500
     num_workers: int = 0
+    """DataLoader worker processes per training process. 0 (the default): the loader is
+    ~30x faster than a training step, so workers would only compete for the cores."""
+    shuffle: Literal["permutation", "buffer"] = "permutation"
+    """Training order: a fresh permutation of the whole training set every epoch (as the
+    authors' code), or, for data too large to hold, a stream through a shuffle buffer."""
     shuffle_buffer: int = 5000
     train_limit: int | None = None
     valid_limit: int | None = None

@@ -52,15 +52,21 @@ def test_eval_every_sample_exactly_once(shards, world_size, num_workers):
         assert sorted(seen) == list(range(expected)), (split, limit)
 
 
+@pytest.mark.parametrize("shuffle", ["permutation", "buffer"])
 @pytest.mark.parametrize("num_workers", [0, 2])
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_train_equal_batches_per_rank(shards, world_size, num_workers):
+def test_train_equal_batches_per_rank(shards, world_size, num_workers, shuffle):
     directory, splits = shards
     expected_batches = SIZES["train"] // (50 * world_size)
     seen = []
     for rank in range(world_size):
         loader = train_loader(
-            directory, rank=rank, world_size=world_size, batch_size=50, num_workers=num_workers
+            directory,
+            rank=rank,
+            world_size=world_size,
+            batch_size=50,
+            num_workers=num_workers,
+            shuffle=shuffle,
         )
         batches = list(loader)
         assert len(batches) == len(loader) == expected_batches
@@ -72,24 +78,30 @@ def test_train_equal_batches_per_rank(shards, world_size, num_workers):
     assert len(seen) == len(set(seen)) == expected_batches * 50 * world_size
 
 
+@pytest.mark.parametrize("shuffle", ["permutation", "buffer"])
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_train_limit_feeds_every_rank(shards, world_size):
+def test_train_limit_feeds_every_rank(shards, world_size, shuffle):
     """A subset inside one shard (fewer shards than ranks): split by sample instead."""
     directory, _ = shards
     seen = []
     for rank in range(world_size):
-        loader = train_loader(directory, rank=rank, world_size=world_size, batch_size=10, limit=60)
+        loader = train_loader(
+            directory, rank=rank, world_size=world_size, batch_size=10, limit=60, shuffle=shuffle
+        )
         batches = [idx for _, idx in loader]
         assert len(batches) == 60 // (10 * world_size)
         seen.extend(torch.cat(batches).tolist())
     assert sorted(seen) == list(range(60))
 
 
-def test_train_shuffle_differs_per_epoch_and_is_seeded(shards):
+@pytest.mark.parametrize("shuffle", ["permutation", "buffer"])
+def test_train_shuffle_differs_per_epoch_and_is_seeded(shards, shuffle):
     directory, _ = shards
 
     def epochs(seed, n=2):
-        loader = train_loader(directory, batch_size=50, shuffle_buffer=300, seed=seed)
+        loader = train_loader(
+            directory, batch_size=50, shuffle=shuffle, shuffle_buffer=300, seed=seed
+        )
         return [torch.cat([idx for _, idx in loader]).tolist() for _ in range(n)]
 
     first, second = epochs(seed=0)
@@ -98,9 +110,30 @@ def test_train_shuffle_differs_per_epoch_and_is_seeded(shards):
     assert epochs(seed=0) == [first, second]  # reproducible
     assert epochs(seed=1, n=1)[0] != first
     # The epoch can also be set explicitly (e.g. when resuming).
-    loader = train_loader(directory, batch_size=50, shuffle_buffer=300, seed=0)
+    loader = train_loader(directory, batch_size=50, shuffle=shuffle, shuffle_buffer=300, seed=0)
     loader.set_epoch(1)
     assert torch.cat([idx for _, idx in loader]).tolist() == second
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_train_permutation_is_one_global_permutation_dealt_by_batch(shards, num_workers):
+    """As the authors' data order: every epoch a fresh permutation of the whole training set;
+    global batch j is rank j mod world's; its first batch mixes images from every shard."""
+    directory, _ = shards
+    world, B = 2, 50
+    per_rank = [
+        [
+            idx.tolist()
+            for _, idx in train_loader(
+                directory, rank=r, world_size=world, batch_size=B, num_workers=num_workers
+            )
+        ]
+        for r in range(world)
+    ]
+    order = np.random.default_rng([0, 0]).permutation(SIZES["train"]).tolist()
+    interleaved = [i for batches in zip(*per_rank, strict=True) for b in batches for i in b]
+    assert interleaved == order[: len(interleaved)]
+    assert len({i // 100 for i in per_rank[0][0]}) >= 5  # of 10 shards of 100 (the fixture)
 
 
 def test_datamodule_rank_epoch_from_trainer(shards):
