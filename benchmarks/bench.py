@@ -11,11 +11,13 @@ stays comparable on noisy, shared machines.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -147,9 +149,16 @@ def workload(
     }
 
 
-def run(device_name: str = "cpu", min_time: float = 3.0, progress: bool = True) -> dict:
-    """Each workload's ratio uses the matmul GFLOP/s measured just before and just after it
-    (their mean), so a change of load on a shared machine during the run does not skew it."""
+def run(
+    device_name: str = "cpu",
+    min_time: float = 3.0,
+    progress: bool = True,
+    epoch: dict | None = None,
+) -> dict:
+    """All workloads; `epoch` holds the keyword arguments of `bench_epoch` (shard_dir, limit,
+    contention), or None to skip the whole-epoch measurement. Each workload's ratio uses the
+    matmul GFLOP/s measured just before and just after it (their mean), so a change of load
+    on a shared machine during the run does not skew it."""
     device = torch.device(device_name)
     torch.manual_seed(0)
     model = BiHM(PAPER_SIZES).to(device)
@@ -199,11 +208,116 @@ def run(device_name: str = "cpu", min_time: float = 3.0, progress: bool = True) 
     per_step = chains * proposals * (2 * n_latent + 1)  # 2S per latent layer, S for x
     result["gibbs"] = {"proposals_per_s": per_step / seconds, "chains": chains, "S": proposals}
 
+    if epoch is not None:
+        say("one epoch of configs/bmnist_paper.yaml ...")
+        result["epoch_paper"] = bench_epoch(**epoch, progress=progress)
     if device.type == "cuda":
         result["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     else:  # ru_maxrss is in KiB on Linux
         result["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
+
+
+# --------------------------------------------------------------------------- whole epochs
+def _busy_loop() -> subprocess.Popen:
+    """A second CPU-bound process, as another user's job on a shared machine."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def bench_epoch(
+    shard_dir: str | os.PathLike,
+    *,
+    limit: int | None = None,
+    contention: bool = True,
+    progress: bool = True,
+) -> dict:
+    """One epoch of configs/bmnist_paper.yaml through `run_training`, as `bihm train` runs it
+    (its CPU defaults: threads, data-loader workers), on the prepared shards in `shard_dir`.
+
+    - `train_s`, `val_s`: the epoch's `train_time_s` and `val_time_s` from metrics.csv, with
+      the Gibbs validation and the sample pictures off;
+    - `gibbs_s`, `samples_s`: their cost per occurrence, from a few timed sweeps of a group
+      of chains (the cost is linear in chains x sweeps), and `amortised_fraction`: both
+      divided by their cadence in epochs, relative to the epoch;
+    - with `contention`, the same epoch again beside a busy-loop process: `contention_slowdown`.
+    `limit` cuts the train and validation splits (for tests).
+    """
+    import tempfile
+
+    from bihm import evaluation as ev
+    from bihm.lightning import half_mask
+    from pipeline.config import load_config
+    from pipeline.train import run_training
+
+    cfg = load_config(CONFIG)
+    overrides = [
+        f"data.shard_dir={shard_dir}",
+        "validation.gibbs.every_n_epochs=0",
+        "samples.every_n_epochs=0",
+        "train.max_epochs=1",
+        "logging.wandb=off",
+        f"logging.progress_bar={str(progress).lower()}",
+    ]
+    if limit is not None:
+        overrides += [f"data.train_limit={limit}", f"data.valid_limit={limit}"]
+
+    def one_epoch() -> tuple[float, float, torch.nn.Module]:
+        with tempfile.TemporaryDirectory() as tmp:
+            epoch_cfg = load_config(CONFIG, [*overrides, f"run_dir={tmp}"])
+            keep = _KeepModel()
+            run_training(epoch_cfg, extra_callbacks=[keep])
+            with open(Path(tmp) / "metrics.csv", newline="") as f:
+                (row,) = list(csv.DictReader(f))
+            return float(row["train_time_s"]), float(row["val_time_s"]), keep.model
+
+    train_s, val_s, model = one_epoch()
+    out = {"train_s": train_s, "val_s": val_s, "epoch_s": train_s + val_s, "limit": limit}
+    # Gibbs validation and sample pictures: seconds per chain and sweep, from one group.
+    model.eval()
+    g, gv, sm = ev.GIBBS_GROUP, cfg.validation.gibbs, cfg.samples
+    x = model.sample_p(g)[0]
+    t0 = time.perf_counter()
+    ev.inpainting_errors(
+        model,
+        x,
+        torch.arange(g),
+        half_mask("bottom"),
+        chains=1,
+        steps=2,
+        proposals=gv.proposals,
+        inner=gv.inner,
+        seed=0,
+    )
+    per_chain_sweep = (time.perf_counter() - t0) / (g * 2)
+    out["gibbs_s"] = per_chain_sweep * gv.examples * gv.chains * gv.steps
+    out["samples_s"] = per_chain_sweep * sm.n * sm.gibbs_steps * (sm.proposals / gv.proposals)
+    out["gibbs_every"], out["samples_every"] = gv.every_n_epochs, sm.every_n_epochs
+    extra = 0.0
+    if gv.every_n_epochs > 0:
+        extra += out["gibbs_s"] / gv.every_n_epochs
+    if sm.every_n_epochs > 0:
+        extra += out["samples_s"] / sm.every_n_epochs
+    out["amortised_fraction"] = extra / out["epoch_s"]
+    if contention:
+        busy = _busy_loop()
+        try:
+            b_train, b_val, _ = one_epoch()
+        finally:
+            busy.kill()
+            busy.wait()
+        out["contention"] = {"train_s": b_train, "val_s": b_val, "epoch_s": b_train + b_val}
+        out["contention_slowdown"] = (b_train + b_val) / out["epoch_s"]
+    return out
+
+
+class _KeepModel(pl.Callback):
+    """Keeps the trained model for `bench_epoch` (run_training returns paths only)."""
+
+    def __init__(self) -> None:
+        self.model: torch.nn.Module | None = None
+
+    def on_fit_end(self, trainer, module) -> None:
+        self.model = module.model
 
 
 def format_table(result: dict) -> str:
@@ -220,6 +334,18 @@ def format_table(result: dict) -> str:
             f"{w['matmul_gflops']:>10.1f}{w['ratio']:>8.2f}"
         )
     lines.append(f"gibbs: {result['gibbs']['proposals_per_s']:.0f} proposals/s")
+    if "epoch_paper" in result:
+        e = result["epoch_paper"]
+        lines.append(
+            f"epoch of bmnist_paper.yaml: {e['epoch_s']:.1f} s (train {e['train_s']:.1f} s, "
+            f"validation {e['val_s']:.1f} s); Gibbs validation and pictures add "
+            f"{100 * e['amortised_fraction']:.1f}% amortised"
+        )
+        if "contention_slowdown" in e:
+            lines.append(
+                f"beside a busy-loop process: {e['contention']['epoch_s']:.1f} s, "
+                f"{e['contention_slowdown']:.2f}x slower"
+            )
     lines.append(f"peak memory: {result['peak_mem_mb']:.0f} MB")
     return "\n".join(lines)
 

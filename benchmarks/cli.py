@@ -15,7 +15,14 @@ def _bench(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bihm bench: error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
-    result = run(args.device, min_time=args.min_time)
+    epoch = None
+    if not args.no_epoch:
+        epoch = {
+            "shard_dir": args.shards,
+            "limit": args.epoch_limit,
+            "contention": not args.no_contention,
+        }
+    result = run(args.device, min_time=args.min_time, epoch=epoch)
     print(format_table(result))
     if args.json is not None:
         write_json(result, args.json)
@@ -29,5 +36,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     p.add_argument(
         "--min-time", type=float, default=3.0, help="seconds of repeats per workload (median)"
+    )
+    p.add_argument(
+        "--shards",
+        type=Path,
+        default=Path("data/binarized_mnist"),
+        help="prepared shards for the whole-epoch measurement (prepared if missing)",
+    )
+    p.add_argument("--no-epoch", action="store_true", help="skip the whole-epoch measurement")
+    p.add_argument(
+        "--no-contention", action="store_true", help="skip the epoch beside a busy-loop process"
+    )
+    p.add_argument(
+        "--epoch-limit", type=int, default=None, help="train/valid images of the epoch (tests)"
     )
     p.set_defaults(func=_bench)

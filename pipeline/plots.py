@@ -70,7 +70,7 @@ def save_curves(path: str | os.PathLike, rows: Sequence[dict[str, float]]) -> No
     def series(key):
         return [r.get(key, float("nan")) for r in rows]
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     ax = axes[0]
     for key, label in [
         ("train/log_ptilde_star", "train log p~* (K train)"),
@@ -93,6 +93,13 @@ def save_curves(path: str | os.PathLike, rows: Sequence[dict[str, float]]) -> No
         ax.plot(xs, ys, marker="o", label=label)
     ax.set_xlabel("epoch")
     ax.set_title("masked-pixel error rate (bottom half)")
+    ax.legend(fontsize=8)
+    ax = axes[3]
+    for key, label in [("train_time_s", "training"), ("val_time_s", "validation")]:
+        ax.plot(epochs, series(key), marker=".", label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("seconds")
+    ax.set_title("time per epoch")
     ax.legend(fontsize=8)
     fig.tight_layout()
     _atomic_savefig(fig, path)

@@ -38,7 +38,8 @@ from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_only
 
-from bihm.lightning import BiHMModule, make_generator
+from bihm.evaluation import sample_pictures
+from bihm.lightning import BiHMModule
 from pipeline.config import Config, atomic_write_text, config_from_dict, save_config
 
 MONITOR = "val/log_ptilde_star"
@@ -74,6 +75,7 @@ def make_datamodule(cfg: Config, **overrides: Any):
         batch_size=d.batch_size,
         eval_batch_size=d.eval_batch_size,
         num_workers=d.num_workers,
+        shuffle=d.shuffle,
         shuffle_buffer=d.shuffle_buffer,
         seed=cfg.seed,
         train_limit=d.train_limit,
@@ -113,6 +115,9 @@ def ensure_shards(shard_dir: str | os.PathLike, dataset: str = "binarized_mnist"
 class MetricsCSV(Callback):
     """metrics.csv with one row per epoch from `BiHMModule.epoch_metrics`, and curves.png.
 
+    Each row also says where the time went: `train_time_s` (the training batches),
+    `val_time_s` (validation with 2 log Z and Gibbs inpainting, and the sample pictures
+    when the callbacks before this one draw them) and `time` (Unix time at the end).
     Rank 0 rewrites both files atomically after each validation. On resume, rows of the
     epochs that are run again are dropped first.
     """
@@ -121,8 +126,12 @@ class MetricsCSV(Callback):
         self.path = Path(run_dir) / "metrics.csv"
         self.curves = Path(run_dir) / "curves.png"
         self.rows: list[dict[str, float]] = []
+        self._train_start = self._val_start = time.time()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Also the first epoch's start after a resume, where Lightning may skip
+        # on_train_epoch_start.
+        self._train_start = time.time()
         self.rows = []
         if self.path.is_file():
             with open(self.path, newline="") as f:
@@ -133,13 +142,22 @@ class MetricsCSV(Callback):
         if trainer.is_global_zero:
             self._write()
 
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_start = time.time()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._val_start = time.time()
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit" or not trainer.is_global_zero:
             return
         row = dict(getattr(pl_module, "epoch_metrics", {}))
         if not row:
             return
-        row["time"] = time.time()
+        now = time.time()
+        row["train_time_s"] = self._val_start - self._train_start
+        row["val_time_s"] = now - self._val_start
+        row["time"] = now
         self.rows = [r for r in self.rows if r["epoch"] != row["epoch"]] + [row]
         self._write()
         from pipeline.plots import save_curves
@@ -209,32 +227,29 @@ def save_sample_picture(
     """PNG: n plain top-down p samples | n p* samples after `steps` Gibbs sweeps.
 
     Chains run in groups of `group` (memory: each sweep scores proposals x inner
-    configurations per chain), each group with its own seeded generator.
+    configurations per chain); chain j has its own seeded stream, so the picture does
+    not depend on `group`.
     """
-    from tqdm.auto import tqdm
-
     from pipeline.plots import save_panels, tile
 
-    device = model.prior_logits.device
     was_training = model.training
     model.eval()
-    x_p = model.sample_p(n, generator=make_generator(device, seed, 6, n))[0]
-    x_star = []
-    bar = tqdm(total=n * steps, desc="Gibbs sweeps x chains", disable=not progress)
-    for start in range(0, n, group):
-        g = make_generator(device, seed, 7, start)
-        hs = model.sample_p(min(group, n - start), generator=g)
-        for _ in range(steps):
-            hs = model.gibbs_step(hs, proposals, inner, generator=g)
-            bar.update(hs[0].shape[0])
-        x_star.append(hs[0])
-    bar.close()
+    x_p, x_star = sample_pictures(
+        model,
+        n,
+        steps=steps,
+        proposals=proposals,
+        inner=inner,
+        seed=seed,
+        progress=progress,
+        group=group,
+    )
     model.train(was_training)
     save_panels(
         path,
         [
             ("p(x): top-down samples", tile(x_p)),
-            (f"p*(x): {steps} Gibbs sweeps, {proposals} proposals", tile(torch.cat(x_star))),
+            (f"p*(x): {steps} Gibbs sweeps, {proposals} proposals", tile(x_star)),
         ],
         title=title,
     )
@@ -294,8 +309,9 @@ def build_callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
             save_top_k=1,
             save_last=True,
         ),
-        MetricsCSV(run_dir),
+        # Before MetricsCSV, so that an epoch's val_time_s includes its sample pictures.
         SamplesCallback(run_dir, cfg),
+        MetricsCSV(run_dir),
     ]
     if cfg.train.early_stopping_patience is not None:
         callbacks.append(

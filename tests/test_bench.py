@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 
 from pipeline.cli import main
+from tests.test_train import make_shards
 
 
 def test_bench_writes_the_documented_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--min-time", "0.05", "--json", str(out)]) == 0
+    shards = make_shards(tmp_path / "shards")
+    args = ["--shards", str(shards), "--epoch-limit", "200"]
+    assert main(["bench", "--min-time", "0.05", *args, "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert {"cpu", "cores", "torch_threads", "torch"} <= set(result["machine"])
     assert result["matmul_gflops"] > 0
@@ -20,4 +23,8 @@ def test_bench_writes_the_documented_json(tmp_path, capsys):
         assert abs(w["ratio"] - w["gflops"] / w["matmul_gflops"]) < 1e-9
     assert result["gibbs"]["proposals_per_s"] > 0
     assert result["peak_mem_mb"] > 0
+    e = result["epoch_paper"]
+    assert e["train_s"] > 0 and e["val_s"] > 0 and e["epoch_s"] == e["train_s"] + e["val_s"]
+    assert e["gibbs_s"] > 0 and e["samples_s"] > 0 and e["amortised_fraction"] > 0
+    assert e["contention_slowdown"] == e["contention"]["epoch_s"] / e["epoch_s"]
     assert "train_k10" in capsys.readouterr().out

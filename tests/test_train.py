@@ -121,6 +121,10 @@ def test_train_end_to_end_improves_and_writes_the_run_folder(shards, tmp_path):
         assert float(r["val/log_pstar"]) == pytest.approx(lpt - z)
         assert lpt <= float(r["val/log_p"]) + 1e-6
         assert float(r["val/n"]) == 200
+        # Where the time went: training, then validation (with Gibbs and the pictures).
+        assert float(r["train_time_s"]) > 0 and float(r["val_time_s"]) > 0
+    times = [float(r["time"]) for r in rows]
+    assert times == sorted(times) and times[-1] - times[0] >= float(rows[-1]["train_time_s"])
     # The K and lr switch at epoch 2 ("continue with larger K").
     assert [float(r["train/K"]) for r in rows] == [5, 5, 10]
     assert [float(r["train/lr"]) for r in rows] == pytest.approx([0.01, 0.01, 3e-3])
