@@ -21,7 +21,8 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
     the whole split (`shuffle="permutation"`; "buffer" streams through a shuffle buffer). The
     train loader reads the epoch each time an epoch starts iterating it (see EpochDataLoader),
     so no `reload_dataloaders_every_n_epochs` is needed. Validation and test see each sample
-    exactly once over all ranks and workers. `*_limit` keeps the samples with idx < limit.
+    exactly once over all ranks and workers. `*_limit` keeps that many samples,
+    spread evenly over the split (`spread_indices`).
     Shards of dynamically binarized MNIST are resampled per (seed, epoch, idx) in training and
     drawn once, with a fixed seed independent of `seed`, for validation and test.
     DataLoader workers are started afresh every epoch (they copy the epoch when they start).
@@ -63,6 +64,13 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
         if self.verify_sha256 and not self._verified:
             verify_shards(self.shard_dir, self.manifest)
             self._verified = True
+
+    def split_size(self, split: str) -> tuple[int, int]:
+        """(images in the split, images used): the used ones are spread over the split."""
+        self.setup()
+        count = self.manifest["splits"][split]["count"]
+        limit = self.limits[split]
+        return count, count if limit is None else min(count, limit)
 
     def rank_and_world_size(self) -> tuple[int, int]:
         if self.trainer is not None:

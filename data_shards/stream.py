@@ -50,32 +50,83 @@ class Shard:
     first_idx: int
 
 
+def spread_indices(count: int, n: int) -> np.ndarray:
+    """n indices spread evenly over range(count): floor(j * count / n) for j < n.
+
+    A subset of a split (`limit`) must represent the whole split: the standard binarized
+    MNIST test file is sorted by class, so its first images are all zeros.
+    """
+    n = min(n, count)
+    return np.arange(n, dtype=np.int64) * count // n
+
+
+def in_spread_subset(idx: np.ndarray | int, count: int, n: int) -> np.ndarray | bool:
+    """Whether idx is one of `spread_indices(count, n)`, without listing them."""
+    n = min(n, count)
+    j = subset_position(idx, count, n)  # ceil(idx * n / count)
+    return (j < n) & (j * count // n == np.asarray(idx))
+
+
+def subset_position(idx: np.ndarray | int, count: int, n: int) -> np.ndarray | int:
+    """The position j in `spread_indices(count, n)` of an index that is in it."""
+    n = min(n, count)
+    return -(-np.asarray(idx, dtype=np.int64) * n // count)
+
+
 @dataclass(frozen=True)
 class SplitSpec:
-    """What a reader needs to know about one split (picklable, for DataLoader workers)."""
+    """What a reader needs to know about one split (picklable, for DataLoader workers).
+
+    With a limit, the split is the `n` images at `spread_indices(count, n)`; position j of
+    the subset is image `index(j)`.
+    """
 
     name: str
     shards: tuple[Shard, ...]
     field: str  # "bits" (packed 0/1) or "u8" (intensities, binarized on the fly)
     labels: bool
     per_record: int  # images per record (WebDataset sample)
-    n: int  # images used: min(count, limit)
+    count: int  # images in the split
+    n: int  # images used: min(count, limit), spread over the split
 
     @classmethod
     def from_manifest(cls, shard_dir, manifest: dict, split: str, limit: int | None = None):
         if split not in manifest["splits"]:
-            raise ValueError(f"{Path(shard_dir) / 'manifest.json'}: no split {split!r}")
+            raise DataError(f"{Path(shard_dir) / 'manifest.json'}: no split {split!r}")
         info = manifest["splits"][split]
         n = info["count"] if limit is None else min(info["count"], limit)
         if n < 1:
-            raise ValueError(f"split {split!r}: limit={limit} leaves no samples")
+            raise DataError(f"split {split!r}: limit={limit} leaves no samples")
         shards = tuple(
             Shard(str(Path(shard_dir) / s["file"]), s["count"], s["first_idx"])
             for s in info["shards"]
-            if s["first_idx"] < n
         )
         labels = bool(manifest.get("labels"))
-        return cls(split, shards, manifest["field"], labels, manifest["images_per_record"], n)
+        return cls(
+            split,
+            shards,
+            manifest["field"],
+            labels,
+            manifest["images_per_record"],
+            info["count"],
+            n,
+        )
+
+    def index(self, position: int) -> int:
+        """The image index of position j of the (spread) subset."""
+        return position * self.count // self.n
+
+    def selected(self, sample: Sample) -> bool:
+        return self.n == self.count or bool(in_spread_subset(sample.idx, self.count, self.n))
+
+    def read(self, shard: Shard, lo: int = 0, hi: int | None = None) -> Iterator[Sample]:
+        """The subset's samples of `shard` with index in [lo, hi), in order."""
+        hi = self.count if hi is None else hi
+        if shard.first_idx >= hi or shard.first_idx + shard.count <= lo:
+            return
+        for sample in read_shard(shard, self, stop=hi):
+            if sample.idx >= lo and self.selected(sample):
+                yield sample
 
 
 class Sample(NamedTuple):
@@ -269,7 +320,7 @@ class TrainStream(_SplitStream):
         self.epoch = 0
         self.batches_per_epoch = spec.n // (self.batch_size * self.world_size)
         if self.batches_per_epoch < 1:
-            raise ValueError(
+            raise DataError(
                 f"split {spec.name!r}: {spec.n} samples cannot give every one of "
                 f"{self.world_size} ranks a batch of {self.batch_size}"
             )
@@ -281,7 +332,14 @@ class TrainStream(_SplitStream):
     def _pass(self, slot: int, slots: int, npass: int) -> Iterator[Sample]:
         """One pass over this slot's share: dealt shards whole, plus its part of the leftovers."""
         spec = self.spec
-        used = {shard: min(shard.count, spec.n - shard.first_idx) for shard in spec.shards}
+        used = {
+            shard: int(
+                in_spread_subset(
+                    np.arange(shard.first_idx, shard.first_idx + shard.count), spec.count, spec.n
+                ).sum()
+            )
+            for shard in spec.shards
+        }
         order = list(spec.shards)
         # The same permutation on every slot, so that dealing it out is a partition; redrawn
         # every pass and epoch so that no slot keeps the same shards.
@@ -291,9 +349,9 @@ class TrainStream(_SplitStream):
         order.sort(key=lambda shard: used[shard] < max(used.values()))
         dealt = len(order) // slots * slots
         for shard in order[slot:dealt:slots]:
-            yield from read_shard(shard, spec, stop=spec.n)
+            yield from spec.read(shard)
         for shard in order[dealt:]:
-            for sample in read_shard(shard, spec, stop=spec.n):
+            for sample in spec.read(shard):
                 if sample.idx % slots == slot:
                     yield sample
 
@@ -315,8 +373,7 @@ class TrainStream(_SplitStream):
     def _permuted_batches(self, worker: int, workers: int) -> Iterator[PackedBatch]:
         """This (rank, worker)'s batches of the epoch's permutation of the whole split."""
         if self._samples is None:
-            self._samples = [s for shard in self.spec.shards for s in read_shard(shard, self.spec)]
-            self._samples = self._samples[: self.spec.n]
+            self._samples = [s for shard in self.spec.shards for s in self.spec.read(shard)]
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self._samples))
         B, world = self.batch_size, self.world_size
         for j in range(worker, self.batches_per_epoch, workers):
@@ -355,11 +412,12 @@ class EvalStream(_SplitStream):
         return sum(-(-size // self.batch_size) for size in sizes)
 
     def _samples(self, lo: int, hi: int) -> Iterator[Sample]:
+        """The subset's positions [lo, hi), i.e. images index(lo) .. index(hi - 1)."""
+        if lo >= hi:
+            return
+        first, last = self.spec.index(lo), self.spec.index(hi - 1)
         for shard in self.spec.shards:
-            if shard.first_idx < hi and shard.first_idx + shard.count > lo:
-                for sample in read_shard(shard, self.spec, stop=hi):
-                    if sample.idx >= lo:
-                        yield sample
+            yield from self.spec.read(shard, first, last + 1)
 
     def __iter__(self):
         worker, workers = _worker()
@@ -406,7 +464,7 @@ def _split_spec(
 ) -> SplitSpec:
     manifest = manifest if manifest is not None else load_manifest(shard_dir)
     if with_labels and not manifest.get("labels"):
-        raise ValueError(f"{Path(shard_dir) / 'manifest.json'}: these shards have no labels")
+        raise DataError(f"{Path(shard_dir) / 'manifest.json'}: these shards have no labels")
     if verify:
         verify_shards(shard_dir, manifest, [split])
     return SplitSpec.from_manifest(shard_dir, manifest, split, limit)
@@ -460,7 +518,8 @@ def eval_loader(
     with_labels: bool = False,
 ) -> DataLoader:
     """(x, idx) batches of `split` for one rank; over all ranks and workers each sample with
-    idx < limit comes exactly once, without padding. Ranks may get different batch counts."""
+    the subset (`limit` images spread evenly over the split) comes exactly once, without
+    padding. Ranks may get different batch counts."""
     stream = EvalStream(
         _split_spec(shard_dir, split, limit, manifest, verify_sha256, with_labels),
         rank=rank,

@@ -11,7 +11,8 @@ import pytorch_lightning as pl
 import torch
 
 from data_shards import BinarizedMNISTDataModule, eval_loader, train_loader, write_shards
-from tests.test_data_shards import random_splits
+from data_shards.stream import in_spread_subset, spread_indices
+from tests.conftest import random_splits
 
 SIZES = {"train": 1000, "valid": 230, "test": 97}  # shard size 100: 10, 3 and 1 shards
 
@@ -29,7 +30,9 @@ def shards(tmp_path_factory):
 def test_eval_every_sample_exactly_once(shards, world_size, num_workers):
     directory, splits = shards
     for split, limit in (("valid", None), ("test", None), ("valid", 150)):
-        expected = SIZES[split] if limit is None else limit
+        expected = (
+            list(range(SIZES[split])) if limit is None else spread_indices(SIZES[split], limit)
+        )
         seen = []
         for rank in range(world_size):
             loader = eval_loader(
@@ -49,7 +52,7 @@ def test_eval_every_sample_exactly_once(shards, world_size, num_workers):
                 assert idx.dtype == torch.int64
                 np.testing.assert_array_equal(x.numpy(), splits[split][idx.numpy()])
                 seen.extend(idx.tolist())
-        assert sorted(seen) == list(range(expected)), (split, limit)
+        assert sorted(seen) == list(expected), (split, limit)
 
 
 @pytest.mark.parametrize("shuffle", ["permutation", "buffer"])
@@ -91,7 +94,7 @@ def test_train_limit_feeds_every_rank(shards, world_size, shuffle):
         batches = [idx for _, idx in loader]
         assert len(batches) == 60 // (10 * world_size)
         seen.extend(torch.cat(batches).tolist())
-    assert sorted(seen) == list(range(60))
+    assert sorted(seen) == spread_indices(SIZES["train"], 60).tolist()
 
 
 @pytest.mark.parametrize("shuffle", ["permutation", "buffer"])
@@ -113,6 +116,19 @@ def test_train_shuffle_differs_per_epoch_and_is_seeded(shards, shuffle):
     loader = train_loader(directory, batch_size=50, shuffle=shuffle, shuffle_buffer=300, seed=0)
     loader.set_epoch(1)
     assert torch.cat([idx for _, idx in loader]).tolist() == second
+
+
+def test_a_limited_subset_spans_the_whole_split():
+    """The standard test split is sorted by class: a subset must not be its first images."""
+    for count, n in ((10_000, 100), (97, 10), (10, 10), (5, 9), (1000, 999)):
+        idx = spread_indices(count, n)
+        assert len(idx) == min(n, count) == len(set(idx.tolist()))
+        m = min(n, count)
+        assert idx[0] == 0 and idx[-1] >= count - -(-count // m)  # reaches the end
+        gaps = np.diff(idx)
+        assert gaps.max() - gaps.min() <= 1 if len(gaps) else True  # evenly spread
+        member = in_spread_subset(np.arange(count), count, n)
+        assert np.flatnonzero(member).tolist() == idx.tolist()
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -202,8 +218,8 @@ def test_lightning_fit_reshuffles_and_validates_once(shards):
     _quiet_trainer(devices=1).fit(model, datamodule=dm)
     assert sorted(model.train_idx) == [0, 1]
     for epoch in (0, 1):
-        assert sorted(model.train_idx[epoch]) == list(range(400))
-        assert sorted(model.val_idx[epoch]) == list(range(120))
+        assert sorted(model.train_idx[epoch]) == spread_indices(SIZES["train"], 400).tolist()
+        assert sorted(model.val_idx[epoch]) == spread_indices(SIZES["valid"], 120).tolist()
     assert model.train_idx[0] != model.train_idx[1]
 
 
