@@ -351,6 +351,6 @@ def format_table(result: dict) -> str:
 
 
 def write_json(result: dict, path: Path) -> None:
-    from pipeline.config import atomic_write_text
+    from bihm.atomic import atomic_write_text
 
     atomic_write_text(path, json.dumps(result, indent=2) + "\n")

@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         f"the training step's ~{TRAINING_STEP_IMAGES_PER_S:,} images/s (need >= 10x)"
     )
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        from bihm.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0 if slowest >= results["required_samples_per_s"] else 1
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from bihm import evaluation as ev
+from bihm.errors import UserError
 from bihm.model import BiHM
 from bihm.rng import make_generator
 
@@ -39,8 +40,9 @@ VAL_SUMS = [n for name in VAL_ESTIMATES for n in ev.moment_names(name)] + [
 ]
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training produced a non-finite loss or gradient; the optimiser step was not taken."""
+class NonFiniteLossError(UserError, RuntimeError):
+    """Training produced a non-finite loss or gradient; the optimiser step was not taken.
+    A user error: the message names the step and what to change (usually optim.lr)."""
 
 
 def half_mask(side: str, shape: tuple[int, int] = IMAGE_SHAPE) -> Tensor:
@@ -224,6 +226,15 @@ class BiHMModule(_Collectives, pl.LightningModule):
         every = int(self.val_cfg["gibbs"]["every_n_epochs"])
         return every > 0 and (self.current_epoch + 1) % every == 0
 
+    def _gibbs_examples(self, idx: Tensor, examples: int) -> Tensor:
+        """Which of these validation examples the Gibbs inpainting uses: `examples` of them
+        spread evenly over the validation images in use, the same on every rank."""
+        from data_shards.stream import in_spread_subset, subset_position
+
+        count, n = self.trainer.datamodule.split_size("valid")
+        position = subset_position(idx.cpu().numpy(), count, n)
+        return torch.as_tensor(in_spread_subset(position, n, examples), device=idx.device)
+
     def on_validation_epoch_start(self) -> None:
         self._val_sums = ev.Sums(VAL_SUMS, self.device)
 
@@ -235,7 +246,7 @@ class BiHMModule(_Collectives, pl.LightningModule):
             self._val_sums.add_moments(name, getattr(est, name))
         if self._gibbs_now():
             gv = v["gibbs"]
-            keep = idx < int(gv["examples"])
+            keep = self._gibbs_examples(idx, int(gv["examples"]))
             errors = ev.inpainting_errors(
                 self.model,
                 x[keep],

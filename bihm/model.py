@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bihm.atomic import atomic_path
+from bihm.errors import CheckpointError, torch_load_error
 from bihm.rng import Generator, RowStreams, uniform
 
 # The authors clip sigmoid outputs to [1e-6, 1 - 1e-6]; clamping the logits is the same
@@ -644,7 +645,8 @@ class BiHM(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | os.PathLike) -> None:
-        """Write {"format", "version", "layer_sizes", "state_dict"} with torch.save, atomically."""
+        """Write {"format", "version", "layer_sizes", "state_dict"} with torch.save, atomically
+        (bihm.atomic: a temporary file, fsync, rename; readable as the umask allows)."""
         path = Path(path)
         payload = {
             "format": CHECKPOINT_FORMAT,
@@ -652,41 +654,39 @@ class BiHM(nn.Module):
             "layer_sizes": list(self.layer_sizes),
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             torch.save(payload, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> BiHM:
         """Load a file written by `save`. Tensors and plain containers only (weights_only=True)."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"no BiHM checkpoint at {path}")
+            raise CheckpointError(f"no BiHM checkpoint at {path}")
         try:
             payload = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as err:  # corrupted or not a torch file
-            raise ValueError(f"{path} is not a readable BiHM checkpoint: {err}") from err
+        except Exception as err:  # corrupted, not a torch file, or holding code objects
+            raise torch_load_error(path, err) from None
+        return cls.from_payload(payload, path).to(map_location)
+
+    @classmethod
+    def from_payload(cls, payload: object, source: str | os.PathLike = "checkpoint") -> BiHM:
+        """The model from the dict that `save` writes (already read by torch.load)."""
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(
-                f"{path} is not a BiHM checkpoint (missing format {CHECKPOINT_FORMAT!r})"
+            raise CheckpointError(
+                f"{source} is not a BiHM checkpoint (missing format {CHECKPOINT_FORMAT!r})"
             )
         if payload.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(
-                f"{path}: unsupported checkpoint version {payload.get('version')!r}, "
+            raise CheckpointError(
+                f"{source}: unsupported checkpoint version {payload.get('version')!r}, "
                 f"expected {CHECKPOINT_VERSION}"
             )
         for key in ("layer_sizes", "state_dict"):
             if key not in payload:
-                raise ValueError(f"{path}: checkpoint is missing the key {key!r}")
+                raise CheckpointError(f"{source}: checkpoint is missing the key {key!r}")
         model = cls(payload["layer_sizes"])
         model.load_state_dict(payload["state_dict"])
-        return model.to(map_location)
+        return model
 
 
 def _log_bernoulli_clamped(h: Tensor, a: Tensor) -> Tensor:

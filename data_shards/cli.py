@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from data_shards.shards import DATASETS
+from data_shards import DATASETS
+from pipeline.argtypes import int_list, positive_int
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -26,14 +26,14 @@ def _prepare(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from data_shards.bench import bench_loader, format_rows
 
-    workers = [int(w) for w in args.workers.split(",") if w.strip()]
     results = bench_loader(
-        args.shards, workers=workers, batch_size=args.batch_size, epochs=args.epochs
+        args.shards, workers=args.workers, batch_size=args.batch_size, epochs=args.epochs
     )
     print("\n".join(format_rows(results)))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        from bihm.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
 
@@ -54,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "$BIHM_MNIST_SOURCE for mnist_*, else download from the canonical URL)",
     )
     prep.add_argument("--out", required=True, help="output folder for the shards")
-    prep.add_argument("--shard-size", type=int, default=10_000, help="samples per shard")
+    prep.add_argument("--shard-size", type=positive_int, default=10_000, help="samples per shard")
     prep.add_argument("--dataset", choices=DATASETS, default="binarized_mnist")
     prep.add_argument("--seed", type=int, default=0, help="seed of the static binarization")
     prep.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -62,9 +62,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     bench = commands.add_parser("bench", help="measure the training loader's samples/s")
     bench.add_argument("--shards", required=True, help="folder written by `bihm data prepare`")
-    bench.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader workers")
-    bench.add_argument("--batch-size", type=int, default=100)
-    bench.add_argument("--epochs", type=int, default=2, help="epochs timed per worker count")
+    bench.add_argument(
+        "--workers",
+        type=int_list(minimum=0),
+        default=[0, 1, 2],
+        help="comma-separated DataLoader worker counts (default 0,1,2)",
+    )
+    bench.add_argument("--batch-size", type=positive_int, default=100)
+    bench.add_argument(
+        "--epochs", type=positive_int, default=2, help="epochs timed per worker count"
+    )
     bench.add_argument("--json", default=None, help="also write the results to this JSON file")
     bench.set_defaults(func=_bench)
 

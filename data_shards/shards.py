@@ -27,15 +27,15 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from data_shards import sources
-from data_shards.sources import PIXELS, DataError
+from bihm.atomic import atomic_write_text, commit
+from data_shards import DATASETS, sources
+from data_shards.sources import PIXELS, DataError, MissingDataError
 
 MANIFEST = "manifest.json"
 FORMAT = "bihm-wds-1"
 ENCODINGS = {"static": "bits", "dynamic": "u8"}  # binarization -> payload field
 PACKED_BYTES = PIXELS // 8
 SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<num>\d{6})\.tar$")
-DATASETS = ("binarized_mnist", "mnist_static", "mnist_dynamic")
 # Python's tarfile spends ~20 us per member, which capped a loader at ~35k images/s with one
 # image per member; blocks of 100 consecutive images make reading ~20x cheaper.
 IMAGES_PER_RECORD = 100
@@ -196,10 +196,8 @@ def write_shards(
         if SHARD_NAME.match(old.name) and old.name not in keep:
             old.unlink()  # stale shard of an earlier, larger run
     for tmp, final in written:
-        os.replace(tmp, final)
-    tmp_manifest = out_dir / f".{MANIFEST}.tmp-{token}"
-    tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp_manifest, out_dir / MANIFEST)
+        commit(tmp, final)
+    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
@@ -207,26 +205,26 @@ def load_manifest(shard_dir: str | os.PathLike) -> dict:
     """Read and check `shard_dir/manifest.json`; errors name the file and the field."""
     path = Path(shard_dir) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"{path}: no manifest; create the shards with `bihm data prepare --out {shard_dir}`"
         )
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exn:
-        raise ValueError(f"{path}: not valid JSON ({exn})") from exn
+        raise DataError(f"{path}: not valid JSON ({exn})") from exn
 
     def need(obj: Any, name: str, kind: type, where: str) -> Any:
         if not isinstance(obj, dict) or name not in obj or not isinstance(obj[name], kind):
-            raise ValueError(f"{path}: field {where}{name} missing or not a {kind.__name__}")
+            raise DataError(f"{path}: field {where}{name} missing or not a {kind.__name__}")
         return obj[name]
 
     if need(manifest, "format", str, "") != FORMAT:
-        raise ValueError(f"{path}: field format is {manifest['format']!r}, expected {FORMAT!r}")
+        raise DataError(f"{path}: field format is {manifest['format']!r}, expected {FORMAT!r}")
     if need(manifest, "field", str, "") not in ENCODINGS.values():
-        raise ValueError(f"{path}: field 'field' is {manifest['field']!r}")
+        raise DataError(f"{path}: field 'field' is {manifest['field']!r}")
     need(manifest, "source_hash", str, "")
     if need(manifest, "images_per_record", int, "") < 1:
-        raise ValueError(f"{path}: field images_per_record must be >= 1")
+        raise DataError(f"{path}: field images_per_record must be >= 1")
     for split, info in need(manifest, "splits", dict, "").items():
         where = f"splits.{split}."
         count = need(info, "count", int, where)
@@ -239,10 +237,10 @@ def load_manifest(shard_dir: str | os.PathLike) -> dict:
                 need(shard, "first_idx", int, at) != expected_first
                 or need(shard, "count", int, at) < 1
             ):
-                raise ValueError(f"{path}: field {at}first_idx/count do not tile the split")
+                raise DataError(f"{path}: field {at}first_idx/count do not tile the split")
             expected_first += shard["count"]
         if expected_first != count:
-            raise ValueError(
+            raise DataError(
                 f"{path}: field {where}count is {count}, the shards hold {expected_first}"
             )
     return manifest
@@ -253,11 +251,11 @@ def verify_shards(shard_dir: str | os.PathLike, manifest: dict, splits=None) -> 
     shard_dir = Path(shard_dir)
     for split in splits or manifest["splits"]:
         if split not in manifest["splits"]:
-            raise ValueError(f"{shard_dir / MANIFEST}: no split {split!r}")
+            raise DataError(f"{shard_dir / MANIFEST}: no split {split!r}")
         for shard in manifest["splits"][split]["shards"]:
             path = shard_dir / shard["file"]
             if not path.is_file():
-                raise FileNotFoundError(f"{path}: shard listed in the manifest is missing")
+                raise MissingDataError(f"{path}: shard listed in the manifest is missing")
             actual = file_sha256(path)
             if actual != shard["sha256"]:
                 raise DataError(
@@ -310,7 +308,7 @@ def _acquire(dataset: str, source: str | os.PathLike | None, out_dir: Path) -> s
         return sources.download_binarized_mnist(cache, source)
     folder = Path(source)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: data source folder does not exist")
+        raise MissingDataError(f"{folder}: data source folder does not exist")
     # Accept the parent of the mirrors too, e.g. shared/datasets/{binarized_mnist,mnist}/.
     sub = folder / ("mnist" if mnist else "binarized_mnist")
     folder = sub if sub.is_dir() else folder

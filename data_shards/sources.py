@@ -17,6 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bihm.atomic import commit
+from bihm.errors import UserError
+
 PIXELS = 784
 SPLITS = ("train", "valid", "test")
 
@@ -44,8 +47,12 @@ MNIST_MD5 = {
 MNIST_TRAIN_SIZE = 50_000  # the usual 50k/10k train/valid split of MNIST's 60k training images
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data. The message names the file and, where it applies, the sample key or line."""
+
+
+class MissingDataError(DataError, FileNotFoundError):
+    """A file or folder that the data needs does not exist (the message names it)."""
 
 
 @dataclass
@@ -138,7 +145,7 @@ def _find(directory: Path, stem: str) -> Path:
     for candidate in (directory / stem, directory / f"{stem}.gz"):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"{directory}: neither {stem} nor {stem}.gz found")
+    raise MissingDataError(f"{directory}: neither {stem} nor {stem}.gz found")
 
 
 def _check(array: np.ndarray, expected: str, name: str) -> str:
@@ -180,7 +187,7 @@ def fetch(url: str, dest: Path, verify) -> Path:
         except OSError as exn:  # URLError and HTTPError are OSErrors; name the URL
             raise OSError(f"{url}: download failed ({exn})") from exn
         verify(tmp)
-        os.replace(tmp, dest)
+        commit(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
     return dest

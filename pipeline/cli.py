@@ -1,4 +1,10 @@
-"""The `bihm` command line: one entry point, one sub-command per job."""
+"""The `bihm` command line: one entry point, one sub-command per job.
+
+Building the parser imports no torch or Lightning, so `bihm --help` answers at once: each
+sub-command's module registers its flags and imports the heavy code in its handler. A
+`bihm.errors.UserError` (a bad file, key, flag or field) or an OSError ends as one line,
+`bihm <cmd>: error: ...`, with exit status 2; `--debug` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -8,26 +14,22 @@ from pathlib import Path
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pipeline.config import ConfigError, apply_overrides, config_from_dict, load_config
-    from pipeline.train import TrainingError, config_for_resume, run_training
+    from pipeline.config import apply_overrides, config_from_dict, load_config
+    from pipeline.train import config_for_resume, run_training
 
-    try:
-        if args.resume and args.config is None:
-            # Continue with the config the run was started with (plus any --set).
-            run_dir = args.run_dir or load_config(None).resolved_run_dir()
-            cfg = config_from_dict(apply_overrides(config_for_resume(run_dir).to_dict(), args.set))
-        else:
-            cfg = load_config(args.config, args.set)
-        result = run_training(
-            cfg,
-            devices=args.devices,
-            num_nodes=args.num_nodes,
-            run_dir=args.run_dir,
-            resume=args.resume,
-        )
-    except (ConfigError, TrainingError) as err:
-        print(f"bihm train: error: {err}", file=sys.stderr)
-        return 2
+    if args.resume and args.config is None:
+        # Continue with the config the run was started with (plus any --set).
+        run_dir = args.run_dir or load_config(None).resolved_run_dir()
+        cfg = config_from_dict(apply_overrides(config_for_resume(run_dir).to_dict(), args.set))
+    else:
+        cfg = load_config(args.config, args.set)
+    result = run_training(
+        cfg,
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+        run_dir=args.run_dir,
+        resume=args.resume,
+    )
     if result["global_rank"] == 0:
         print(
             f"bihm train: done after {result['epochs']} epochs; best validation log p~* "
@@ -37,15 +39,18 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _add_train(subparsers) -> None:
+    from pipeline.argtypes import positive_int
     from pipeline.config import add_override_argument
 
-    p = subparsers.add_parser(
-        "train", help="train a BiHM (default config: configs/bmnist_paper.yaml)"
+    p = subparsers.add_parser("train", help="train a BiHM (default config: bmnist_paper)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="a YAML file, or the name of a packaged config: bmnist_paper (default), smoke, demo",
     )
-    p.add_argument("--config", type=Path, default=None, help="YAML config file")
     add_override_argument(p, "override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
-    p.add_argument("--devices", type=int, default=None, help="processes per node")
-    p.add_argument("--num-nodes", type=int, default=None)
+    p.add_argument("--devices", type=positive_int, default=None, help="processes per node")
+    p.add_argument("--num-nodes", type=positive_int, default=None)
     p.add_argument("--run-dir", type=Path, default=None, help="default runs/<name>")
     p.add_argument(
         "--resume",
@@ -55,16 +60,27 @@ def _add_train(subparsers) -> None:
     p.set_defaults(func=_train)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse without the usage block on errors: one line naming the flag, exit 2.
+    Sub-command parsers are made of the same class (argparse's parser_class default)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bihm", description="Train and evaluate Bidirectional Helmholtz Machines."
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of errors in your input too"
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     from data_shards.cli import register as register_data
 
     register_data(subparsers)
     _add_train(subparsers)
-    from pipeline.evaluate import register as register_eval
+    from pipeline.eval_cli import register as register_eval
 
     register_eval(subparsers)
     from benchmarks.cli import register as register_bench
@@ -74,9 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    args = build_parser().parse_args(argv)
+    from bihm.errors import UserError
+
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, OSError) as err:
+        if args.debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__  # one line
+        command = " ".join(filter(None, [args.command, getattr(args, "data_command", None)]))
+        print(f"bihm {command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ stores and what `config.yaml` in the run folder holds), and `config_from_dict` r
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import math
 import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,11 +20,37 @@ from typing import Any, Literal
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from bihm.atomic import atomic_write_text
+from bihm.errors import UserError
+
+# The repository's configs/ folder, installed as the package `bihm_configs` (pyproject.toml),
+# so `bihm train --config smoke` works after a plain `pip install`, from any folder.
+CONFIG_DIR = Path(str(importlib.resources.files("bihm_configs")))
 DEFAULT_CONFIG = CONFIG_DIR / "bmnist_paper.yaml"
 
 
-class ConfigError(ValueError):
+def packaged_configs() -> list[str]:
+    """Names of the packaged configs (`--config NAME`)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("sweep"))
+
+
+def resolve_config_path(name_or_path: str | os.PathLike | None) -> Path:
+    """A YAML file's path; an existing file wins, else a packaged config's name (with or
+    without .yaml); None is the default config (bmnist_paper)."""
+    if name_or_path is None:
+        return DEFAULT_CONFIG
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    packaged = CONFIG_DIR / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if path.parent == Path(".") and packaged.is_file():
+        return packaged
+    raise ConfigError(
+        f"config file {path} does not exist (packaged configs: {', '.join(packaged_configs())})"
+    )
+
+
+class ConfigError(UserError, ValueError):
     """A config file or override is invalid; the message names the offending key."""
 
 
@@ -100,7 +126,7 @@ class OptimConfig:
 
 @dataclass
 class GibbsValidationConfig:
-    """Inpainting of the bottom half of a fixed validation subset (global idx < examples)."""
+    """Inpainting of the bottom half of `examples` validation images spread over the split."""
 
     every_n_epochs: int = 10
     """0 = never."""
@@ -356,10 +382,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config (default configs/bmnist_paper.yaml), apply overrides, validate."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+    """Read a YAML config (a file, or a packaged config's name; default bmnist_paper), apply
+    overrides, validate."""
+    path = resolve_config_path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -368,20 +393,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         return config_from_dict(apply_overrides(data, list(overrides)))
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text to path via a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

@@ -1,4 +1,5 @@
-"""`bihm eval | validate | sample | inpaint` on a checkpoint.
+"""Evaluation of a trained model: `bihm eval | validate | sample | inpaint` (their command
+line is pipeline/eval_cli.py).
 
 A checkpoint is a Lightning .ckpt written by `bihm train` (loaded with weights_only=True;
 the run's config is in its hyper-parameters) or a file written by `BiHM.save`.
@@ -8,9 +9,6 @@ over N processes (DDP) with the same numbers up to float rounding: see bihm/eval
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,24 +16,18 @@ import pytorch_lightning as pl
 import torch
 
 from bihm import evaluation as ev
+from bihm.errors import CheckpointError, torch_load_error
 from bihm.lightning import BiHMModule, EvalModule, half_mask
 from bihm.model import CHECKPOINT_FORMAT, BiHM
 from bihm.rng import RowStreams
 from pipeline.config import (
     Config,
-    ConfigError,
     ModelConfig,
-    add_override_argument,
     apply_overrides,
-    atomic_write_text,
     config_from_dict,
 )
 
 DEFAULT_KS = "1,10,100,1000,10000"
-
-
-class CheckpointError(ValueError):
-    """The file is not a checkpoint `bihm` can read."""
 
 
 # --------------------------------------------------------------------------- loading
@@ -46,10 +38,10 @@ def load_checkpoint(path: str | Path, overrides: list[str] = ()) -> tuple[BiHMMo
         raise CheckpointError(f"no checkpoint at {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"{path} is not a readable checkpoint: {err}") from err
+    except Exception as err:  # corrupted, not a torch file, or holding code objects
+        raise torch_load_error(path, err) from None
     if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
-        model = BiHM.load(path)
+        model = BiHM.from_payload(payload, path)
         data = Config(model=ModelConfig(layers=list(model.layer_sizes))).to_dict()
         cfg = config_from_dict(apply_overrides(data, list(overrides)))
         module = BiHMModule(cfg.to_dict())
@@ -78,12 +70,6 @@ class SplitDataModule(pl.LightningDataModule):
             batch_size,
             limit,
         )
-        self.prepare_data_per_node = False
-
-    def prepare_data(self) -> None:
-        from pipeline.train import ensure_shards
-
-        ensure_shards(self.shard_dir)
 
     def _loader(self):
         from data_shards import eval_loader
@@ -173,70 +159,23 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _parse_ks(text: str) -> list[int]:
-    try:
-        Ks = [int(k) for k in text.split(",") if k.strip()]
-    except ValueError:
-        raise ConfigError(f"--samples must be comma-separated integers, got {text!r}") from None
-    if not Ks or any(k < 1 for k in Ks):
-        raise ConfigError(f"--samples must list integers >= 1, got {text!r}")
-    return Ks
-
-
-def _eval(args: argparse.Namespace) -> int:
-    module, cfg = load_checkpoint(args.checkpoint, args.set)
-    result, is_zero = evaluate(
-        module,
-        cfg,
-        split=args.split,
-        Ks=_parse_ks(args.samples),
-        z_samples=args.z_samples,
-        z_inner=args.z_inner,
-        z_chunk=args.z_chunk,
-        seed=args.seed,
-        limit=args.limit,
-        batch_size=args.batch_size,
-        devices=args.devices,
-        num_nodes=args.num_nodes,
-        progress=not args.no_progress,
-    )
-    if is_zero:
-        result["checkpoint"] = str(args.checkpoint)
-        print(format_table(result))
-        if args.json:
-            atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
-    return 0
-
-
 # --------------------------------------------------------------------------- validate
 def validate(
     module: BiHMModule, cfg: Config, *, devices: int = 1, num_nodes: int = 1, progress=True
 ) -> tuple[dict[str, float], bool]:
-    """The training-time validation metrics (config's validation section, with Gibbs)."""
+    """The training-time validation metrics (config's validation section, with Gibbs).
+    The shards must be prepared: evaluation never writes into a checkpoint's data folder."""
+    from data_shards import load_manifest
     from pipeline.train import make_datamodule
 
+    load_manifest(cfg.data.shard_dir)  # a clear error naming the folder if it has no shards
     trainer = _trainer(cfg, devices, num_nodes, progress)
     trainer.validate(module, datamodule=make_datamodule(cfg), verbose=False)
     return dict(module.epoch_metrics), trainer.is_global_zero
 
 
-def _validate(args: argparse.Namespace) -> int:
-    # The Gibbs inpainting metrics are part of this report whatever the training cadence.
-    module, cfg = load_checkpoint(args.checkpoint, [*args.set, "validation.gibbs.every_n_epochs=1"])
-    metrics, is_zero = validate(
-        module, cfg, devices=args.devices, num_nodes=args.num_nodes, progress=not args.no_progress
-    )
-    if is_zero:
-        for key, value in metrics.items():
-            if key != "epoch":
-                print(f"{key:28s} {value:.6f}")
-        if args.json:
-            atomic_write_text(args.json, json.dumps(metrics, indent=2) + "\n")
-    return 0
-
-
 # --------------------------------------------------------------------------- pictures
-def _single_device_model(module: BiHMModule, cfg: Config) -> BiHM:
+def single_device_model(module: BiHMModule, cfg: Config) -> BiHM:
     """The model in eval mode on the config's accelerator (one process)."""
     from pipeline.train import resolve_accelerator, set_cpu_threads
 
@@ -245,123 +184,46 @@ def _single_device_model(module: BiHMModule, cfg: Config) -> BiHM:
     return module.model.to("cuda" if accelerator == "gpu" else "cpu").eval()
 
 
-def _sample(args: argparse.Namespace) -> int:
-    from pipeline.train import save_sample_picture
-
-    module, cfg = load_checkpoint(args.checkpoint, args.set)
-    save_sample_picture(
-        _single_device_model(module, cfg),
-        args.out,
-        n=args.n,
-        steps=args.gibbs_steps,
-        proposals=args.proposals,
-        inner=args.inner,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
-    print(f"bihm sample: wrote {args.out}")
-    return 0
-
-
-def _inpaint(args: argparse.Namespace) -> int:
+def inpaint_picture(
+    model: BiHM,
+    x: torch.Tensor,
+    path: str | Path,
+    *,
+    masks: list[str],
+    chains: int,
+    steps: int,
+    proposals: int,
+    inner: int,
+    seed: int,
+    progress: bool = True,
+) -> None:
+    """PNG, one panel per mask: per digit its original, the masked input, a q-then-p
+    fill-in and `chains` Gibbs chains from p*; chain c of digit i has its own stream."""
     from tqdm.auto import tqdm
 
-    from data_shards import eval_loader
     from pipeline.plots import save_panels, tile
 
-    module, cfg = load_checkpoint(args.checkpoint, args.set)
-    model = _single_device_model(module, cfg)
     device = model.prior_logits.device
-    loader = eval_loader(cfg.data.shard_dir, args.split, batch_size=args.digits, limit=args.digits)
-    x = next(iter(loader))[0][: args.digits].to(device)
-    mask = half_mask(args.mask).to(device)
-    rows = []
-    for i in tqdm(range(x.shape[0]), desc="inpainting digits", disable=args.no_progress):
-        xi = x[i].expand(args.chains, -1)
-        mi = mask.expand(args.chains, -1)
-        streams = RowStreams.keyed(device, args.seed, ev.GIBBS, i, keys=range(args.chains))
-        recon = model.reconstruct(xi[:1], mi[:1], generator=streams[:1])
-        filled = model.inpaint(
-            xi, mi, steps=args.steps, proposals=args.proposals, inner=args.inner, generator=streams
-        )
-        shown = x[i] * mask + 0.5 * (1 - mask)
-        rows.append(torch.cat([x[i][None], shown[None], recon, filled]))
-    grid = tile(torch.cat(rows), ncols=3 + args.chains)
-    save_panels(
-        args.out,
-        [
-            (
-                f"{args.mask} half masked: original | masked | q-then-p | "
-                f"{args.chains} p* Gibbs chains ({args.steps} sweeps)",
-                grid,
+    panels = []
+    bar = tqdm(total=len(masks) * x.shape[0], desc="inpainting digits", disable=not progress)
+    for m, side in enumerate(masks):
+        mask = half_mask(side).to(device)
+        rows = []
+        for i in range(x.shape[0]):
+            xi, mi = x[i].expand(chains, -1), mask.expand(chains, -1)
+            streams = RowStreams.keyed(device, seed, ev.GIBBS, m, i, keys=range(chains))
+            recon = model.reconstruct(xi[:1], mi[:1], generator=streams[:1])
+            filled = model.inpaint(
+                xi, mi, steps=steps, proposals=proposals, inner=inner, generator=streams
             )
-        ],
+            shown = x[i] * mask + 0.5 * (1 - mask)
+            rows.append(torch.cat([x[i][None], shown[None], recon, filled]))
+            bar.update(1)
+        panels.append((f"{side} half masked", tile(torch.cat(rows), ncols=3 + chains)))
+    bar.close()
+    save_panels(
+        path,
+        panels,
+        title=f"original | masked | q-then-p | {chains} p* Gibbs chains "
+        f"({steps} sweeps, {proposals} proposals)",
     )
-    print(f"bihm inpaint: wrote {args.out}")
-    return 0
-
-
-# --------------------------------------------------------------------------- CLI
-def _common(p: argparse.ArgumentParser, distributed: bool = False) -> None:
-    p.add_argument("--checkpoint", type=Path, required=True, help=".ckpt or BiHM.save file")
-    add_override_argument(p, "override a value of the checkpoint's config, e.g. data.shard_dir=...")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    if distributed:
-        p.add_argument("--devices", type=int, default=1, help="processes (DDP when > 1)")
-        p.add_argument("--num-nodes", type=int, default=1)
-
-
-def _guard(func):
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return func(args)
-        except (CheckpointError, ConfigError) as err:
-            print(f"bihm {args.command}: error: {err}", file=sys.stderr)
-            return 2
-
-    return run
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="log p, log p~*, log p* per K and 2 log Z")
-    _common(p, distributed=True)
-    p.add_argument("--split", choices=["train", "valid", "test"], default="test")
-    p.add_argument("--samples", default=DEFAULT_KS, help=f"the Ks (default {DEFAULT_KS})")
-    p.add_argument("--z-samples", type=int, default=1_000_000, help="N for 2 log Z")
-    p.add_argument("--z-inner", type=int, default=10, help="M for 2 log Z")
-    p.add_argument("--z-chunk", type=int, default=10_000, help="outer samples per seeded chunk")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None, help="only examples with idx < LIMIT")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--json", type=Path, default=None, help="write the numbers as JSON")
-    p.set_defaults(func=_guard(_eval))
-
-    p = subparsers.add_parser(
-        "validate", help="the training-time validation metrics of a checkpoint"
-    )
-    _common(p, distributed=True)
-    p.add_argument("--json", type=Path, default=None)
-    p.set_defaults(func=_guard(_validate))
-
-    p = subparsers.add_parser("sample", help="p samples and p* Gibbs samples side by side")
-    _common(p)
-    p.add_argument("--n", type=int, default=100)
-    p.add_argument("--gibbs-steps", type=int, default=250)
-    p.add_argument("--proposals", type=int, default=1000)
-    p.add_argument("--inner", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True, help="PNG file")
-    p.set_defaults(func=_guard(_sample))
-
-    p = subparsers.add_parser("inpaint", help="fill in half of some digits by Gibbs from p*")
-    _common(p)
-    p.add_argument("--mask", choices=["bottom", "top", "left", "right"], default="bottom")
-    p.add_argument("--split", choices=["train", "valid", "test"], default="test")
-    p.add_argument("--digits", type=int, default=10)
-    p.add_argument("--chains", type=int, default=10)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--proposals", type=int, default=1000)
-    p.add_argument("--inner", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True, help="PNG file")
-    p.set_defaults(func=_guard(_inpaint))

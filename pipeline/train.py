@@ -38,14 +38,16 @@ from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_only
 
+from bihm.atomic import atomic_path, atomic_write_text
+from bihm.errors import UserError
 from bihm.evaluation import sample_pictures
 from bihm.lightning import BiHMModule
-from pipeline.config import Config, atomic_write_text, config_from_dict, save_config
+from pipeline.config import Config, config_from_dict, save_config
 
 MONITOR = "val/log_ptilde_star"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """A run cannot start or continue (e.g. nothing to resume, run folder already used)."""
 
 
@@ -257,18 +259,12 @@ def save_sample_picture(
 
 # --------------------------------------------------------------------------- trainer
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written to a temporary file and renamed: a kill mid-save leaves the
-    previous last.ckpt intact instead of a truncated one."""
+    """Checkpoints written through bihm.atomic (temporary file, fsync, rename): a kill
+    mid-save leaves the previous last.ckpt intact instead of a truncated one."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
+        with atomic_path(path) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
 
 
 def resolve_accelerator(name: str) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from pipeline.cli import main
-from tests.test_train import make_shards
+from tests.conftest import make_shards
 
 
 def test_bench_writes_the_documented_json(tmp_path, capsys):

@@ -20,7 +20,7 @@ from data_shards import (
     write_shards,
 )
 from data_shards.shards import file_sha256
-from tests.test_data_shards import random_splits
+from tests.conftest import random_splits
 
 SHARD = "train-000001.tar"  # images 100..199: records with keys 00000100 and 00000150
 

@@ -23,13 +23,7 @@ from data_shards import (
     write_shards,
 )
 from data_shards.cli import main as cli_main
-
-
-def random_splits(sizes=None, seed=0) -> dict[str, np.ndarray]:
-    """Small binary data sets, e.g. {"train": 250, "valid": 70, "test": 31} images."""
-    rng = np.random.default_rng(seed)
-    sizes = sizes or {"train": 250, "valid": 70, "test": 31}
-    return {name: (rng.random((n, 784)) < 0.3).astype(np.uint8) for name, n in sizes.items()}
+from tests.conftest import random_splits
 
 
 def read_split(shard_dir, split, **kwargs) -> tuple[np.ndarray, np.ndarray]:

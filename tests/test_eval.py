@@ -17,7 +17,7 @@ from bihm.model import BiHM
 from pipeline.cli import main
 from pipeline.config import config_from_dict
 from pipeline.train import run_training
-from tests.test_train import make_shards, run_python, tiny_config
+from tests.conftest import make_shards, run_python, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from bihm import BiHM
+from bihm.errors import CheckpointError
 
 PAPER_SIZES = [784, 300, 200, 100, 75, 50, 35, 30, 25, 20, 15, 10, 10]
 
@@ -88,6 +89,54 @@ def test_logits_are_clamped_like_the_authors_clip():
     assert torch.isfinite(model.log_p(hs))
 
 
+def test_the_clamp_is_exactly_the_authors_clip_at_1e_6():
+    """sigmoid(a) clipped to [1e-6, 1 - 1e-6]: log-probabilities of a saturated unit are
+    exactly log(1e-6) and log(1 - 1e-6), and unsaturated units are untouched."""
+    from bihm.model import log_bernoulli
+
+    big = torch.tensor([[1e4], [-1e4], [3.0]])
+    on, off = torch.ones(3, 1), torch.zeros(3, 1)
+    expected_on = torch.tensor([math.log1p(-1e-6), math.log(1e-6), -math.log1p(math.exp(-3))])
+    torch.testing.assert_close(log_bernoulli(on, big), expected_on, rtol=1e-5, atol=1e-7)
+    expected_off = torch.tensor([math.log(1e-6), math.log1p(-1e-6), -math.log1p(math.exp(3))])
+    torch.testing.assert_close(log_bernoulli(off, big), expected_off, rtol=1e-5, atol=1e-7)
+
+
+def test_bihm_q_gradient_is_exactly_zero_with_one_sample():
+    """With K = 1, w~ = 1 and the q coefficient w~ - 1/K is 0: q learns nothing (the -1/K
+    baseline of Algorithm 1), while p and RWS's q do."""
+    torch.manual_seed(0)
+    model = BiHM([12, 6, 3])
+    x = binary(5, 12)
+    model.loss(x, K=1, objective="bihm").loss.backward()
+    for name, param in model.named_parameters():
+        if name.startswith("q_nets"):
+            assert torch.count_nonzero(param.grad) == 0, name
+        else:
+            assert torch.count_nonzero(param.grad) > 0, name
+    model.zero_grad()
+    model.loss(x, K=1, objective="rws").loss.backward()
+    assert all(torch.count_nonzero(p.grad) > 0 for p in model.q_nets.parameters())
+
+
+def test_standard_errors_use_n_minus_1():
+    """mean_and_sem and log_mean_and_sem against the textbook formulas (ddof = 1)."""
+    from bihm.evaluation import mean_and_sem
+    from bihm.model import log_mean_and_sem
+
+    v = [1.0, 2.0, 4.0, 7.0]
+    mean, sem = mean_and_sem(sum(v), sum(x * x for x in v), len(v))
+    sd = math.sqrt(sum((x - 3.5) ** 2 for x in v) / 3)
+    assert mean == pytest.approx(3.5) and sem == pytest.approx(sd / 2)
+    # log mean(w) and its delta-method SE: sd(w) / (sqrt(n) mean(w)).
+    w = torch.tensor(v, dtype=torch.float64)
+    log_mean, log_sem = log_mean_and_sem(
+        float(torch.logsumexp(w.log(), 0)), float(torch.logsumexp(2 * w.log(), 0)), len(v)
+    )
+    assert log_mean == pytest.approx(math.log(3.5))
+    assert log_sem == pytest.approx(sd / (2 * 3.5))
+
+
 def test_save_load_round_trip(tmp_path):
     model = BiHM([8, 5, 3])
     with torch.no_grad():
@@ -112,7 +161,7 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_load_rejects_bad_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
+    with pytest.raises(CheckpointError, match="missing.pt"):
         BiHM.load(tmp_path / "missing.pt")
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")

@@ -3,15 +3,10 @@ non-finite loss, and resume after a hard kill mid-epoch."""
 
 from __future__ import annotations
 
-import csv
 import math
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -20,83 +15,7 @@ from pytorch_lightning.callbacks import Callback
 from bihm.lightning import BiHMModule, NonFiniteLossError
 from pipeline.config import config_from_dict
 from pipeline.train import TrainingError, run_training
-
-ROOT = Path(__file__).resolve().parent.parent
-STEPS_PER_EPOCH = 8  # 800 training images, batches of 100
-
-
-def make_shards(out_dir: Path, n_train=800, n_valid=200, n_test=200, seed=0) -> Path:
-    """Learnable binary 'digits': noisy copies of 6 random prototypes."""
-    from data_shards import write_shards
-
-    rng = np.random.default_rng(seed)
-    protos = rng.random((6, 784)) < 0.25
-
-    def split(n):
-        x = protos[rng.integers(0, len(protos), n)]
-        flip = rng.random((n, 784)) < 0.03
-        return (x ^ flip).astype(np.uint8)
-
-    data = {"train": split(n_train), "valid": split(n_valid), "test": split(n_test)}
-    write_shards(data, out_dir, shard_size=500, source_hash="test-generated", progress=False)
-    return out_dir
-
-
-def tiny_config(shard_dir: Path, run_dir: Path, **sections) -> dict:
-    cfg = {
-        "name": "tiny",
-        "seed": 3,
-        "run_dir": str(run_dir),
-        "model": {"layers": [784, 16, 8]},
-        "data": {
-            "shard_dir": str(shard_dir),
-            "batch_size": 100,
-            "eval_batch_size": 64,
-            "shuffle_buffer": 200,
-        },
-        "train": {
-            "K": 5,
-            "max_epochs": 3,
-            "accelerator": "cpu",
-            "log_every_n_steps": 4,
-            "cpu_threads": 1,
-        },
-        "optim": {"lr": 0.01},
-        "validation": {
-            "K": 20,
-            "z_samples": 1000,
-            "z_chunk": 250,
-            "gibbs": {
-                "every_n_epochs": 2,
-                "examples": 6,
-                "steps": 2,
-                "proposals": 20,
-                "inner": 4,
-                "chains": 2,
-            },
-        },
-        "samples": {"every_n_epochs": 2, "n": 9, "gibbs_steps": 2, "proposals": 10, "inner": 4},
-        "logging": {"wandb": "off", "progress_bar": False},
-    }
-    for section, values in sections.items():
-        if isinstance(values, dict):
-            cfg.setdefault(section, {}).update(values)
-        else:
-            cfg[section] = values
-    return cfg
-
-
-def run_python(args: list[str], cwd: Path, timeout: float = 400) -> subprocess.CompletedProcess:
-    """Run `python ARGS` with the repository importable; output captured as text."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
+from tests.conftest import STEPS_PER_EPOCH, make_shards, read_metrics, run_python, tiny_config
 
 
 @pytest.fixture(scope="module")
