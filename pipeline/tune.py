@@ -580,6 +580,17 @@ def prepare_data(sweep: Sweep) -> None:
             ensure_shards(*where)
 
 
+def check_resources(sweep: Sweep, cluster: dict[str, float]) -> None:
+    """A trial that no node can hold would wait forever: say so before the sweep starts."""
+    for key, need in (("cpu", sweep.spec.resources.cpu), ("gpu", sweep.spec.resources.gpu)):
+        have = cluster.get(key.upper(), 0)
+        if need > have:
+            raise ConfigError(
+                f"{sweep.path}: sweep key 'resources.{key}': a trial needs {need:g} but the "
+                f"Ray cluster has {have:g}"
+            )
+
+
 def run_sweep(
     sweep: Sweep,
     *,
@@ -630,6 +641,7 @@ def run_sweep(
     if started:
         ray.init(address=address, num_cpus=num_cpus, include_dashboard=False)
     try:
+        check_resources(sweep, ray.cluster_resources())
         trainable = build_trainable(sweep)
         if resume:
             tuner = tune.Tuner.restore(
