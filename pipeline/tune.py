@@ -448,8 +448,9 @@ class TrialRecord:
 
 
 def best_record(records: list[TrialRecord], mode: str) -> TrialRecord | None:
-    """The trial with the best metric at any epoch (failed trials included up to failure)."""
-    scored = [(r.best(mode), r) for r in records]
+    """The trial with the best metric at any epoch, among those that did not fail (a
+    config that diverged later is no config to train)."""
+    scored = [(r.best(mode), r) for r in records if r.status != "failed"]
     scored = [(b[0], r) for b, r in scored if b is not None]
     if not scored:
         return None
@@ -705,6 +706,8 @@ def _tune(args) -> int:
     try:
         if args.num_samples is not None and args.num_samples <= 0:
             raise ConfigError(f"--num-samples: must be > 0, got {args.num_samples}")
+        if args.num_cpus is not None and (args.address or args.num_cpus <= 0):
+            raise ConfigError("--num-cpus: a positive count, for a local Ray (no --address)")
         sweep = load_sweep(args.config, args.set)
         outcome = run_sweep(
             sweep,

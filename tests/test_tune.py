@@ -142,6 +142,8 @@ def test_cli_rejects_a_bad_sweep_before_ray_or_any_trial(tmp_path, monkeypatch, 
     assert not ray.is_initialized() and not (tmp_path / "runs").exists()
     assert main(["tune", "--config", str(path), "--num-samples", "0"]) == 2
     assert "--num-samples: must be > 0" in capsys.readouterr().err
+    assert main(["tune", "--config", str(path), "--address", "auto", "--num-cpus", "2"]) == 2
+    assert "--num-cpus: a positive count, for a local Ray" in capsys.readouterr().err
 
 
 def test_values_are_applied_with_their_types_and_a_grid_multiplies_the_trials(tmp_path):
@@ -198,10 +200,10 @@ def test_outputs_pick_the_best_epoch_of_any_trial_and_record_failures(tmp_path):
         TrialRecord("t_1", "stopped", {"optim.lr": 1e-3, "model.layers": [784, 8]},
                     [0], [-400.0]),
         TrialRecord("t_2", "failed", {"optim.lr": 1e-3, "model.layers": [784, 8]},
-                    [0, 1], [-280.0, math.nan], "NonFiniteLossError: boom"),
+                    [0, 1], [-200.0, math.nan], "NonFiniteLossError: boom"),
     ]  # fmt: skip
     best = write_outputs(sweep, records)
-    assert best is records[0]
+    assert best is records[0]  # not the failed trial, though its epoch 0 was better
     rows = read_csv(tmp_path / "out" / "results.csv")
     assert [r["status"] for r in rows] == ["completed", "stopped", "failed"]
     assert rows[0]["best_val/log_ptilde_star"] == "-250.0" and rows[0]["best_epoch"] == "1"
