@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -98,5 +99,37 @@ def save_curves(path: str | os.PathLike, rows: Sequence[dict[str, float]]) -> No
     ax.set_ylabel("seconds")
     ax.set_title("time per epoch")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    _atomic_savefig(fig, path)
+
+
+def save_trial_curves(
+    path: str | os.PathLike,
+    trials: Sequence[tuple[str, Sequence[float], Sequence[float]]],
+    metric: str,
+    best: str | None = None,
+    title: str | None = None,
+) -> None:
+    """A sweep's metric against the epoch, one line per trial [(label, epochs, values)];
+    the trial labelled `best` drawn thick. Legend only up to 12 trials (else the best)."""
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for label, epochs, values in trials:
+        is_best = label == best
+        ax.plot(
+            epochs,
+            values,
+            marker=".",
+            linewidth=3 if is_best else 1,
+            alpha=1 if is_best else 0.7,
+            label=("best: " if is_best else "") + label if is_best or len(trials) <= 12 else None,
+            zorder=3 if is_best else 2,
+        )
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_ylabel(metric)
+    if title:
+        ax.set_title(title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     _atomic_savefig(fig, path)

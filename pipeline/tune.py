@@ -1,0 +1,760 @@
+"""`bihm tune`: Ray Tune sweeps over the hyper-parameters of `bihm train`.
+
+A sweep file (YAML) names a base training config and a search space over its dotted keys:
+
+    name: sweep_smoke            # default: the file's stem; outputs go to runs/<name>/
+    base: smoke.yaml             # relative to the sweep file, or a config in configs/
+    set: {data.train_limit: 1000}          # fixed overrides for every trial
+    search:                                # Ray Tune domains over any config key
+      optim.lr: {loguniform: [1.0e-3, 1.0e-2]}
+      train.K: {choice: [5, 10]}
+      model.layers: {choice: [[784, 32, 16], [784, 64, 16]]}
+    metric: val/log_ptilde_star  # reported every epoch; mode max
+    num_samples: 4
+    max_epochs: 3
+    scheduler: {type: asha, grace_period: 1, reduction_factor: 2}   # or {type: none}
+    resources: {cpu: 1, gpu: 0}            # per trial
+    max_concurrent_trials: 2
+
+The whole sweep is checked before Ray starts: every search value (each choice, both bounds)
+is applied to the base config and validated by `pipeline.config`, so a bad key or value is a
+one-line `ConfigError` naming it. Each trial runs `pipeline.train.run_training`, the code of
+`bihm train`, as a single worker in the trial's process, with a Lightning callback that
+reports the epoch's metrics and `last.ckpt` to Tune after every validation (so ASHA can stop
+it, and an interrupted sweep resumes from it). A trial that raises is recorded as failed and
+the sweep goes on.
+
+Sweep folder `runs/<name>/`:
+    results.csv        one row per trial: status, searched values, epochs, final/best metric
+    best.yaml          the best trial's full config, ready for `bihm train --config`
+    trials.png         the metric against the epoch for every trial
+    trials/<id>/       each trial's run folder (config.yaml, metrics.csv, checkpoints/, ...)
+    tune/              Ray Tune's experiment state (what `--resume` restores)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pytorch_lightning.callbacks import Callback
+
+from pipeline.config import (
+    CONFIG_DIR,
+    ConfigError,
+    _from_dict,
+    apply_overrides,
+    atomic_write_text,
+    config_from_dict,
+)
+
+EXPERIMENT_DIR = "tune"
+TRIALS_DIR = "trials"
+# The per-epoch metrics of `BiHMModule.epoch_metrics` that exist every epoch.
+METRICS = (
+    "val/log_ptilde_star",
+    "val/log_p",
+    "val/log_pstar",
+    "val/two_log_z",
+    "train/loss",
+    "train/log_p",
+    "train/log_ptilde_star",
+    "train/ess",
+)
+DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
+# Keys each trial sets itself.
+RESERVED_KEYS = ("name", "run_dir")
+
+
+class SweepInterrupted(RuntimeError):
+    """The sweep stopped before all trials ended (Ctrl+C); `--resume` continues it."""
+
+
+# --------------------------------------------------------------------------- sweep file
+@dataclass
+class SchedulerSpec:
+    type: Literal["asha", "none"] = "asha"
+    grace_period: int = 1
+    """ASHA: epochs every trial runs before it can be stopped."""
+    reduction_factor: float = 2.0
+    """ASHA: a trial continues past a rung only if it is in the best 1/reduction_factor."""
+
+
+@dataclass
+class ResourcesSpec:
+    cpu: float = 1.0
+    gpu: float = 0.0
+
+
+@dataclass
+class SweepSpec:
+    base: str = ""
+    name: str | None = None
+    run_dir: str | None = None
+    metric: str = "val/log_ptilde_star"
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = 1
+    """Samples of the search space; a grid is repeated num_samples times (Ray Tune)."""
+    max_epochs: int | None = None
+    """Epochs per trial (ASHA's max_t); null = the base config's train.max_epochs."""
+    max_concurrent_trials: int | None = None
+    seed: int | None = 0
+    """Seeds the random search: the same trials on every run of the sweep file."""
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched config key and its Ray Tune domain."""
+
+    key: str
+    kind: str
+    values: tuple
+
+    def domain(self) -> Any:
+        from ray import tune
+
+        if self.kind == "choice":
+            return tune.choice(list(self.values))
+        if self.kind == "grid":
+            return tune.grid_search(list(self.values))
+        return getattr(tune, self.kind)(*self.values)
+
+    def representatives(self) -> list[Any]:
+        """The values that bound what the domain can give: each option, or both ends."""
+        if self.kind == "randint":  # the upper bound is exclusive
+            return [self.values[0], self.values[1] - 1]
+        return list(self.values)
+
+
+@dataclass
+class Sweep:
+    """A validated sweep: the spec, the search space and the base config (set applied)."""
+
+    path: Path
+    name: str
+    spec: SweepSpec
+    params: list[Param]
+    base: dict[str, Any]
+    """The base config with `set` (and the CLI's --set) applied, validated."""
+    overrides: list[str] = field(default_factory=list)
+    """The CLI's --set."""
+
+    @property
+    def sweep_dir(self) -> Path:
+        return Path(self.spec.run_dir) if self.spec.run_dir else Path("runs") / self.name
+
+    def num_trials(self, num_samples: int) -> int:
+        """Trials of the sweep: each sample runs every point of the grid (Ray Tune)."""
+        return num_samples * math.prod(len(p.values) for p in self.params if p.kind == "grid")
+
+    @property
+    def max_epochs(self) -> int:
+        return self.spec.max_epochs or config_from_dict(self.base).train.max_epochs
+
+
+def _override(key: str, value: Any) -> str:
+    # JSON is YAML: `apply_overrides` reads the value back as it was (lists included).
+    return f"{key}={json.dumps(_plain(value))}"
+
+
+def _plain(value: Any) -> Any:
+    """Numpy scalars (Tune's samples) as Python numbers."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def apply_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """The base config dict with each `dotted.key: value` set."""
+    return apply_overrides(base, [_override(k, v) for k, v in params.items()])
+
+
+def _resolve_base(sweep_path: Path, base: str) -> Path:
+    if not base:
+        raise ConfigError(f"{sweep_path}: sweep key 'base': name the base training config")
+    candidates = [sweep_path.parent / base, CONFIG_DIR / base, CONFIG_DIR / f"{base}.yaml"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise ConfigError(
+        f"{sweep_path}: sweep key 'base': {base!r} is neither a file next to the sweep file "
+        f"nor a config in configs/"
+    )
+
+
+def _parse_param(where: str, key: Any, spec: Any) -> Param:
+    what = f"{where}: search key {key!r}"
+    if not isinstance(key, str) or not key or not all(key.split(".")):
+        raise ConfigError(f"{what}: must be a dotted config key like optim.lr")
+    if key in RESERVED_KEYS:
+        raise ConfigError(f"{what}: set by the sweep for each trial, cannot be searched")
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DOMAINS:
+        raise ConfigError(
+            f"{what}: must be one of {{{'|'.join(DOMAINS)}: ...}}, e.g. "
+            f"{{choice: [5, 10]}} or {{loguniform: [1.0e-4, 1.0e-2]}}; got {spec!r}"
+        )
+    ((kind, values),) = spec.items()
+    if kind in ("choice", "grid"):
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{what}: {kind} needs a non-empty list of values, got {values!r}")
+        return Param(key, kind, tuple(values))
+    # YAML 1.1 reads 1e-3 (no dot) as a string: accept numbers written either way.
+    try:
+        if not isinstance(values, list) or len(values) != 2:
+            raise ValueError
+        low, high = (float(v) if isinstance(v, str) else v for v in values)
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (low, high)):
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"{what}: {kind} needs [low, high], got {values!r}") from None
+    if kind == "randint":
+        if not (float(low).is_integer() and float(high).is_integer()):
+            raise ConfigError(f"{what}: randint bounds must be integers, got {values!r}")
+        low, high = int(low), int(high)
+    if not all(math.isfinite(v) for v in (low, high)) or not low < high:
+        raise ConfigError(f"{what}: {kind} needs finite bounds low < high, got {values!r}")
+    if kind == "loguniform" and low <= 0:
+        raise ConfigError(f"{what}: loguniform bounds must be > 0, got {values!r}")
+    return Param(key, kind, (low, high))
+
+
+def load_sweep(path: str | os.PathLike, overrides: list[str] = ()) -> Sweep:
+    """Read and check a sweep file; every search value is validated against the base config.
+
+    `overrides` are `key=value` strings applied to the base config (the CLI's --set).
+    Raises ConfigError with a one-line message naming the file and key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"sweep file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"sweep file {path}: must be a mapping of keys to values")
+    data = dict(data)
+    fixed = data.pop("set", None) or {}
+    search = data.pop("search", None) or {}
+    try:
+        # The training config's strict parser, on the sweep's own schema.
+        spec: SweepSpec = _from_dict(SweepSpec, data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {str(err).replace('config key', 'sweep key', 1)}") from None
+    if spec.metric not in METRICS:
+        raise ConfigError(
+            f"{path}: sweep key 'metric': must be one of {', '.join(METRICS)}; got {spec.metric!r}"
+        )
+    for key in ("num_samples", "max_epochs", "max_concurrent_trials"):
+        value = getattr(spec, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{path}: sweep key {key!r}: must be > 0, got {value!r}")
+    s = spec.scheduler
+    if s.grace_period <= 0 or s.reduction_factor <= 1:
+        raise ConfigError(
+            f"{path}: sweep key 'scheduler': needs grace_period > 0 and reduction_factor > 1"
+        )
+    if spec.resources.cpu <= 0 or spec.resources.gpu < 0:
+        raise ConfigError(f"{path}: sweep key 'resources': needs cpu > 0 and gpu >= 0")
+    name = spec.name or path.stem
+    if not name or "/" in name:
+        raise ConfigError(f"{path}: sweep key 'name': must be a name without '/', got {name!r}")
+    if not isinstance(fixed, dict) or not isinstance(search, dict):
+        raise ConfigError(f"{path}: 'set' and 'search' must map dotted config keys to values")
+
+    base_path = _resolve_base(path, spec.base)
+    try:
+        base = yaml.safe_load(base_path.read_text()) or {}
+        base = apply_overrides(base, [_override(k, v) for k, v in fixed.items()])
+        base = config_from_dict(apply_overrides(base, list(overrides))).to_dict()
+    except (ConfigError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: base config {base_path} with 'set': {err}") from None
+
+    params = [_parse_param(str(path), key, value) for key, value in search.items()]
+    for p in params:
+        if p.key in fixed:
+            raise ConfigError(f"{path}: search key {p.key!r} is also in 'set'")
+        if p.key == "train.max_epochs" and spec.max_epochs is not None:
+            raise ConfigError(f"{path}: search key 'train.max_epochs': the sweep sets max_epochs")
+        for value in p.representatives():
+            try:
+                config_from_dict(apply_params(base, {p.key: value}))
+            except ConfigError as err:
+                raise ConfigError(f"{path}: search key {p.key!r} value {value!r}: {err}") from None
+    sweep = Sweep(path, name, spec, params, base, list(overrides))
+    if s.type == "asha" and s.grace_period > sweep.max_epochs:
+        raise ConfigError(
+            f"{path}: sweep key 'scheduler.grace_period': {s.grace_period} is more than "
+            f"the {sweep.max_epochs} epochs of a trial"
+        )
+    return sweep
+
+
+# --------------------------------------------------------------------------- one trial
+class TuneReportCallback(Callback):
+    """Reports each epoch's metrics, with `last.ckpt` as a Tune checkpoint, to Ray Tune.
+
+    Lightning writes last.ckpt in the checkpoint callbacks' `on_train_epoch_end`, which
+    runs after every other callback's: the epoch is reported at the start of the next
+    epoch (`final: False`) or at the end of training (`final: True`), once the checkpoint
+    of that epoch is on disk. Tune may stop the trial (ASHA) inside `report`.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.last = Path(run_dir) / "checkpoints" / "last.ckpt"
+        self.pending: dict[str, float] | None = None
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        metrics = dict(getattr(pl_module, "epoch_metrics", {}))
+        if metrics.get("epoch") == trainer.current_epoch:
+            self.pending = metrics
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._report(final=False)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._report(final=True)
+
+    def _report(self, final: bool) -> None:
+        if self.pending is None:
+            return
+        from ray import tune
+
+        metrics, self.pending = {**self.pending, "final": final}, None
+        with tempfile.TemporaryDirectory(dir=self.last.parent) as tmp:
+            try:  # a hard link: last.ckpt is replaced by rename, never rewritten in place
+                os.link(self.last, Path(tmp) / self.last.name)
+            except OSError:
+                shutil.copy2(self.last, Path(tmp) / self.last.name)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """What every trial of a sweep shares (pickled into the trial processes)."""
+
+    sweep_name: str
+    base: dict[str, Any]
+    sweep_dir: str
+    """Absolute: trials run in other processes and working directories."""
+    cwd: str
+    """The driver's working directory, against which relative data paths are resolved."""
+    max_epochs: int
+    cpu_threads: int
+
+
+def trial_config(settings: TrialSettings, params: dict[str, Any], trial_id: str) -> dict:
+    """A trial's full config: base + sampled values + the trial's own run folder."""
+    data = apply_params(settings.base, params)
+    data["name"] = f"{settings.sweep_name}-{trial_id}"
+    data["run_dir"] = str(Path(settings.sweep_dir) / TRIALS_DIR / trial_id)
+    data["data"]["shard_dir"] = str(Path(settings.cwd) / data["data"]["shard_dir"])
+    data["train"]["max_epochs"] = settings.max_epochs
+    if data["train"].get("cpu_threads") is None:
+        data["train"]["cpu_threads"] = settings.cpu_threads
+    data["logging"]["progress_bar"] = False
+    return data
+
+
+def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
+    """One trial, single worker: `bihm train`'s `run_training` with Tune reporting.
+
+    Restored by `Tuner.restore`, it continues from the Tune checkpoint (its last.ckpt);
+    restarted without one, it starts its run folder afresh.
+    """
+    from ray import tune
+
+    from pipeline.train import run_training
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = config_from_dict(trial_config(settings, params, trial_id))
+    run_dir = cfg.resolved_run_dir()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as src:
+            last.parent.mkdir(parents=True, exist_ok=True)
+            tmp = last.with_name(f".{last.name}.restore")
+            shutil.copyfile(Path(src) / last.name, tmp)
+            os.replace(tmp, last)
+    elif run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_training(
+        cfg,
+        devices=1,
+        num_nodes=1,
+        resume=checkpoint is not None,
+        extra_callbacks=[TuneReportCallback(run_dir)],
+    )
+
+
+def build_trainable(sweep: Sweep, cwd: str | os.PathLike | None = None) -> Any:
+    """The trainable Tune runs for each trial, with its resources.
+
+    This is the seam for other launchers: a multi-worker trial (a Ray Train TorchTrainer
+    running `run_training` on several workers) plugs in here instead of `run_trial`.
+    """
+    from ray import tune
+
+    cpu, gpu = sweep.spec.resources.cpu, sweep.spec.resources.gpu
+    settings = TrialSettings(
+        sweep_name=sweep.name,
+        base=sweep.base,
+        sweep_dir=str(sweep.sweep_dir.resolve()),
+        cwd=str(Path(cwd or os.getcwd()).resolve()),
+        max_epochs=sweep.max_epochs,
+        cpu_threads=max(1, int(cpu)),
+    )
+
+    def bihm_trial(params: dict[str, Any]) -> None:
+        run_trial(params, settings)
+
+    return tune.with_resources(bihm_trial, {"cpu": cpu, "gpu": gpu})
+
+
+def trial_dirname(trial: Any) -> str:
+    """Tune's folder of a trial: its id, as for its run folder trials/<id>/."""
+    return trial.trial_id
+
+
+# --------------------------------------------------------------------------- results
+@dataclass
+class TrialRecord:
+    trial_id: str
+    status: str
+    """completed | stopped (by the scheduler) | failed | unfinished (interrupted)."""
+    params: dict[str, Any]
+    epochs: list[int]
+    values: list[float]
+    """The metric at each reported epoch."""
+    error: str = ""
+
+    def best(self, mode: str) -> tuple[float, int] | None:
+        """(best metric, its epoch) over the reported epochs; None without a finite value."""
+        pairs = [(v, e) for v, e in zip(self.values, self.epochs, strict=True) if math.isfinite(v)]
+        if not pairs:
+            return None
+        sign = 1 if mode == "max" else -1
+        return max(pairs, key=lambda p: sign * p[0])
+
+
+def best_record(records: list[TrialRecord], mode: str) -> TrialRecord | None:
+    """The trial with the best metric at any epoch, among those that did not fail (a
+    config that diverged later is no config to train)."""
+    scored = [(r.best(mode), r) for r in records if r.status != "failed"]
+    scored = [(b[0], r) for b, r in scored if b is not None]
+    if not scored:
+        return None
+    sign = 1 if mode == "max" else -1
+    return max(scored, key=lambda s: sign * s[0])[1]
+
+
+def _csv_value(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, list | dict) else value
+
+
+def write_results(
+    sweep_dir: Path, records: list[TrialRecord], keys: list[str], metric: str, mode: str
+) -> None:
+    """results.csv, one row per trial."""
+    header = ["trial_id", "status", *keys, "epochs", f"final_{metric}", f"best_{metric}"]
+    header += ["best_epoch", "run_dir", "error"]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for r in records:
+        best = r.best(mode)
+        final = r.values[-1] if r.values else None
+        writer.writerow(
+            [r.trial_id, r.status]
+            + [_csv_value(r.params.get(k, "")) for k in keys]
+            + [len(r.epochs), "" if final is None else repr(final)]
+            + (["", ""] if best is None else [repr(best[0]), best[1]])
+            + [f"{TRIALS_DIR}/{r.trial_id}", r.error]
+        )
+    atomic_write_text(sweep_dir / "results.csv", buf.getvalue())
+
+
+def best_config(sweep: Sweep, record: TrialRecord) -> dict[str, Any]:
+    """The base config with the best trial's values: what `bihm train` should run next."""
+    data = config_from_dict(apply_params(sweep.base, record.params)).to_dict()
+    data["name"] = f"{sweep.name}_best"
+    data["run_dir"] = None
+    return data
+
+
+def write_best(sweep: Sweep, record: TrialRecord) -> Path:
+    value, epoch = record.best(sweep.spec.mode)
+    path = sweep.sweep_dir / "best.yaml"
+    header = (
+        f"# Best trial of sweep {sweep.name}: {record.trial_id}, {sweep.spec.metric} = "
+        f"{value:.4f} at epoch {epoch} (run folder {TRIALS_DIR}/{record.trial_id}).\n"
+        f"# Searched: {json.dumps(record.params)}\n"
+        f"# Train it: bihm train --config {path}\n"
+    )
+    body = yaml.safe_dump(best_config(sweep, record), sort_keys=False)
+    atomic_write_text(path, header + body)
+    return path
+
+
+def write_outputs(sweep: Sweep, records: list[TrialRecord]) -> TrialRecord | None:
+    """results.csv, trials.png and (when a trial reported the metric) best.yaml."""
+    from pipeline.plots import save_trial_curves
+
+    spec = sweep.spec
+    keys = [p.key for p in sweep.params]
+    write_results(sweep.sweep_dir, records, keys, spec.metric, spec.mode)
+    best = best_record(records, spec.mode)
+    curves = [
+        (f"{r.trial_id} ({r.status}) {json.dumps(r.params)}", r.epochs, r.values) for r in records
+    ]
+    save_trial_curves(
+        sweep.sweep_dir / "trials.png",
+        curves,
+        metric=spec.metric,
+        best=None if best is None else curves[records.index(best)][0],
+        title=f"sweep {sweep.name}",
+    )
+    if best is not None:
+        write_best(sweep, best)
+    return best
+
+
+def _error_line(trial: Any) -> str:
+    """The last line of the trial's error (the exception and its message)."""
+    error = trial.get_pickled_error() or trial.get_error()
+    lines = [line.strip() for line in str(error or "").splitlines() if line.strip()]
+    return lines[-1] if lines else "failed"
+
+
+def collect_records(experiment_path: Path, sweep: Sweep) -> list[TrialRecord]:
+    """A TrialRecord per trial from Tune's experiment state and reported results."""
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(experiment_path))
+    records = []
+    for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
+        df = analysis.trial_dataframes.get(trial.trial_id)
+        rows: dict[int, dict[str, Any]] = {}
+        if df is not None and not df.empty and "epoch" in df:
+            for row in df.to_dict("records"):  # a resumed trial may repeat an epoch
+                rows[int(row["epoch"])] = row
+        epochs = sorted(rows)
+        values = [float(rows[e].get(sweep.spec.metric, math.nan)) for e in epochs]
+        if trial.status == "ERROR":
+            status, error = "failed", _error_line(trial)
+        elif trial.status == "TERMINATED":
+            final = bool(epochs) and bool(rows[epochs[-1]].get("final"))
+            status, error = ("completed" if final else "stopped"), ""
+        else:
+            status, error = "unfinished", ""
+        params = {p.key: _plain(trial.config.get(p.key)) for p in sweep.params}
+        records.append(TrialRecord(trial.trial_id, status, params, epochs, values, error))
+    return records
+
+
+# --------------------------------------------------------------------------- the sweep
+def prepare_data(sweep: Sweep) -> None:
+    """Shards for every data folder the trials can use, prepared once, before any trial."""
+    from pipeline.train import ensure_shards
+
+    seen = set()
+    configs = [sweep.base] + [
+        apply_params(sweep.base, {p.key: v})
+        for p in sweep.params
+        if p.key.startswith("data.")
+        for v in p.representatives()
+    ]
+    for data in configs:
+        where = (data["data"]["shard_dir"], data["data"]["dataset"])
+        if where not in seen:
+            seen.add(where)
+            ensure_shards(*where)
+
+
+def check_resources(sweep: Sweep, cluster: dict[str, float]) -> None:
+    """A trial that no node can hold would wait forever: say so before the sweep starts."""
+    for key, need in (("cpu", sweep.spec.resources.cpu), ("gpu", sweep.spec.resources.gpu)):
+        have = cluster.get(key.upper(), 0)
+        if need > have:
+            raise ConfigError(
+                f"{sweep.path}: sweep key 'resources.{key}': a trial needs {need:g} but the "
+                f"Ray cluster has {have:g}"
+            )
+
+
+def run_sweep(
+    sweep: Sweep,
+    *,
+    num_samples: int | None = None,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Run (or with resume=True continue) the sweep; write the sweep folder's outputs.
+
+    Starts a local Ray instance (or connects to `address`) unless Ray is already
+    initialised, and shuts down what it started. Returns {"sweep_dir", "records", "best"};
+    raises SweepInterrupted after writing the outputs if the sweep was interrupted.
+    """
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from pipeline.train import TrainingError
+
+    spec = sweep.spec
+    sweep_dir = sweep.sweep_dir
+    experiment = (sweep_dir / EXPERIMENT_DIR).resolve()
+    # What `--resume` needs besides Tune's state: the trial count and the --set it ran with.
+    state_path = sweep_dir / "sweep.json"
+    if resume:
+        if num_samples is not None:
+            raise ConfigError("--num-samples cannot change a sweep that is resumed")
+        if not tune.Tuner.can_restore(str(experiment)) or not state_path.is_file():
+            raise TrainingError(f"--resume: no sweep to resume at {experiment}")
+        state = json.loads(state_path.read_text())
+        if state["overrides"] != sweep.overrides:
+            raise ConfigError(
+                f"--resume: pass the same --set as the sweep was started with: "
+                f"{state['overrides'] or 'none'}"
+            )
+    elif experiment.exists():
+        raise TrainingError(
+            f"{sweep_dir} already holds a sweep; pass --resume to continue it, or set "
+            f"another name or run_dir in the sweep file"
+        )
+    else:
+        state = {"num_samples": num_samples or spec.num_samples, "overrides": sweep.overrides}
+        atomic_write_text(state_path, json.dumps(state, indent=1) + "\n")
+    prepare_data(sweep)
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False)
+    try:
+        check_resources(sweep, ray.cluster_resources())
+        trainable = build_trainable(sweep)
+        if resume:
+            tuner = tune.Tuner.restore(
+                str(experiment), trainable, resume_unfinished=True, resume_errored=False
+            )
+        else:
+            scheduler = None
+            if spec.scheduler.type == "asha":
+                scheduler = ASHAScheduler(
+                    time_attr="training_iteration",  # one report per epoch
+                    max_t=sweep.max_epochs,
+                    grace_period=spec.scheduler.grace_period,
+                    reduction_factor=spec.scheduler.reduction_factor,
+                )
+            from ray.tune.search.basic_variant import BasicVariantGenerator
+
+            tuner = tune.Tuner(
+                trainable,
+                param_space={p.key: p.domain() for p in sweep.params},
+                tune_config=tune.TuneConfig(
+                    metric=spec.metric,
+                    mode=spec.mode,
+                    # Tune's max_concurrent_trials does not apply to a given generator.
+                    search_alg=BasicVariantGenerator(
+                        max_concurrent=spec.max_concurrent_trials or 0, random_state=spec.seed
+                    ),
+                    scheduler=scheduler,
+                    num_samples=state["num_samples"],
+                    trial_dirname_creator=trial_dirname,
+                ),
+                run_config=tune.RunConfig(
+                    name=EXPERIMENT_DIR,
+                    storage_path=str(experiment.parent),
+                    # A failed trial is recorded and the sweep goes on.
+                    failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                ),
+            )
+        tuner.fit()
+    finally:
+        if started:
+            ray.shutdown()
+    records = collect_records(experiment, sweep)
+    best = write_outputs(sweep, records)
+    # Interrupted (Ctrl+C): Tune returns with trials unfinished or not yet created.
+    left = sweep.num_trials(state["num_samples"]) - len(records)
+    left += sum(r.status == "unfinished" for r in records)
+    if left > 0:
+        raise SweepInterrupted(
+            f"sweep {sweep.name} interrupted with {left} trial(s) to run; continue it with --resume"
+        )
+    return {"sweep_dir": str(sweep_dir), "records": records, "best": best}
+
+
+# --------------------------------------------------------------------------- CLI
+def _tune(args) -> int:
+    import sys
+
+    from pipeline.train import TrainingError
+
+    try:
+        if args.num_samples is not None and args.num_samples <= 0:
+            raise ConfigError(f"--num-samples: must be > 0, got {args.num_samples}")
+        if args.num_cpus is not None and (args.address or args.num_cpus <= 0):
+            raise ConfigError("--num-cpus: a positive count, for a local Ray (no --address)")
+        sweep = load_sweep(args.config, args.set)
+        outcome = run_sweep(
+            sweep,
+            num_samples=args.num_samples,
+            address=args.address,
+            num_cpus=args.num_cpus,
+            resume=args.resume,
+        )
+    except (ConfigError, TrainingError) as err:
+        print(f"bihm tune: error: {err}", file=sys.stderr)
+        return 2
+    except SweepInterrupted as err:
+        print(f"bihm tune: {err}", file=sys.stderr)
+        return 130
+    records: list[TrialRecord] = outcome["records"]
+    counts = {s: sum(r.status == s for r in records) for s in ("completed", "stopped", "failed")}
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    best = outcome["best"]
+    if best is None:
+        print(
+            f"bihm tune: error: no trial reported {sweep.spec.metric} ({summary}); "
+            f"see {outcome['sweep_dir']}/results.csv",
+            file=sys.stderr,
+        )
+        return 1
+    value, epoch = best.best(sweep.spec.mode)
+    print(
+        f"bihm tune: {len(records)} trials ({summary}); best {sweep.spec.metric} {value:.4f} "
+        f"(trial {best.trial_id}, epoch {epoch}); config {outcome['sweep_dir']}/best.yaml"
+    )
+    return 0
+
+
+def register(subparsers) -> None:
+    from pipeline.config import add_override_argument
+
+    p = subparsers.add_parser(
+        "tune", help="Ray Tune sweep over training hyper-parameters (see configs/sweep_*.yaml)"
+    )
+    p.add_argument("--config", type=Path, required=True, help="sweep YAML file")
+    add_override_argument(p, "override a value of the base config for every trial (repeatable)")
+    p.add_argument("--num-samples", type=int, default=None, help="override num_samples")
+    p.add_argument(
+        "--address", default=None, help="Ray cluster to join (e.g. auto); default: start one"
+    )
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a locally started Ray")
+    p.add_argument(
+        "--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)"
+    )
+    p.set_defaults(func=_tune)
