@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.eval_cli import register as register_eval
 
     register_eval(subparsers)
-    from pipeline.tune import register as register_tune
+    from pipeline.tune_cli import register as register_tune
 
     register_tune(subparsers)
     from benchmarks.cli import register as register_bench

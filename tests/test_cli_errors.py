@@ -105,6 +105,9 @@ BAD_INPUTS = [
     ("bench --min-time 0", "--min-time"),
     ("bench --device tpu", "--device"),
     ("bench --epoch-limit 0", "--epoch-limit"),
+    # bihm tune
+    ("tune --config {tmp}/missing_sweep.yaml", "missing_sweep.yaml"),
+    ("tune --config {config} --num-samples 0", "--num-samples"),
     # no sub-command / an unknown one
     ("frobnicate", "frobnicate"),
 ]
@@ -128,7 +131,8 @@ def test_bad_input_is_one_line_naming_the_culprit(files, argv, culprit, capsys):
 def test_sub_commands_are_registered():
     parser = build_parser()
     (sub,) = [a for a in parser._actions if isinstance(a, type(parser._subparsers._actions[-1]))]
-    assert {"data", "train", "eval", "validate", "sample", "inpaint", "bench"} <= set(sub.choices)
+    names = {"data", "train", "eval", "validate", "sample", "inpaint", "bench", "tune"}
+    assert names <= set(sub.choices)
 
 
 def test_debug_shows_the_traceback(files):

@@ -27,7 +27,7 @@ from pipeline.tune import (
     trial_config,
     write_outputs,
 )
-from tests.test_train import ROOT, make_shards, run_python, tiny_config
+from tests.conftest import ROOT, make_shards, run_python, tiny_config
 
 CONFIGS = ROOT / "configs"
 
@@ -140,10 +140,13 @@ def test_cli_rejects_a_bad_sweep_before_ray_or_any_trial(tmp_path, monkeypatch, 
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith("bihm tune: error: ") and "'optim.lr'" in err, err
     assert not ray.is_initialized() and not (tmp_path / "runs").exists()
-    assert main(["tune", "--config", str(path), "--num-samples", "0"]) == 2
-    assert "--num-samples: must be > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # refused by argparse, one line
+        main(["tune", "--config", str(path), "--num-samples", "0"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--num-samples: must be >= 1" in err, err
     assert main(["tune", "--config", str(path), "--address", "auto", "--num-cpus", "2"]) == 2
-    assert "--num-cpus: a positive count, for a local Ray" in capsys.readouterr().err
+    assert "--num-cpus: only for a local Ray" in capsys.readouterr().err
 
 
 def test_values_are_applied_with_their_types_and_a_grid_multiplies_the_trials(tmp_path):

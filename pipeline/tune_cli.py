@@ -1,0 +1,69 @@
+"""`bihm tune`: the command line of pipeline/tune.py (Ray Tune sweeps).
+
+Registering the flags imports nothing heavy; the handler imports Ray and the training code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.argtypes import positive_int
+from pipeline.config import add_override_argument
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from pipeline.config import ConfigError
+    from pipeline.tune import SweepInterrupted, TrialRecord, load_sweep, run_sweep
+
+    if args.num_cpus is not None and args.address:
+        raise ConfigError("--num-cpus: only for a local Ray (not with --address)")
+    sweep = load_sweep(args.config, args.set)
+    try:
+        outcome = run_sweep(
+            sweep,
+            num_samples=args.num_samples,
+            address=args.address,
+            num_cpus=args.num_cpus,
+            resume=args.resume,
+        )
+    except SweepInterrupted as err:
+        print(f"bihm tune: {err}", file=sys.stderr)
+        return 130
+    records: list[TrialRecord] = outcome["records"]
+    counts = {s: sum(r.status == s for r in records) for s in ("completed", "stopped", "failed")}
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    best = outcome["best"]
+    if best is None:
+        print(
+            f"bihm tune: error: no trial reported {sweep.spec.metric} ({summary}); "
+            f"see {outcome['sweep_dir']}/results.csv",
+            file=sys.stderr,
+        )
+        return 1
+    value, epoch = best.best(sweep.spec.mode)
+    print(
+        f"bihm tune: {len(records)} trials ({summary}); best {sweep.spec.metric} {value:.4f} "
+        f"(trial {best.trial_id}, epoch {epoch}); config {outcome['sweep_dir']}/best.yaml"
+    )
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "tune", help="Ray Tune sweep over training hyper-parameters (see configs/sweep_*.yaml)"
+    )
+    p.add_argument("--config", type=Path, required=True, help="sweep YAML file")
+    add_override_argument(p, "override a value of the base config for every trial (repeatable)")
+    p.add_argument("--num-samples", type=positive_int, default=None, help="override num_samples")
+    p.add_argument(
+        "--address", default=None, help="Ray cluster to join (e.g. auto); default: start one"
+    )
+    p.add_argument(
+        "--num-cpus", type=positive_int, default=None, help="CPUs of a locally started Ray"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)"
+    )
+    p.set_defaults(func=_tune)
