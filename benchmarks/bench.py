@@ -240,7 +240,7 @@ def bench_epoch(
       of chains (the cost is linear in chains x sweeps), and `amortised_fraction`: both
       divided by their cadence in epochs, relative to the epoch;
     - with `contention`, the same epoch again beside a busy-loop process: `contention_slowdown`.
-    `limit` cuts the train and validation splits (for tests).
+    `limit` cuts the train and validation splits, and 2 log Z to 10 x limit samples (tests).
     """
     import tempfile
 
@@ -259,7 +259,12 @@ def bench_epoch(
         f"logging.progress_bar={str(progress).lower()}",
     ]
     if limit is not None:
-        overrides += [f"data.train_limit={limit}", f"data.valid_limit={limit}"]
+        z_samples = min(cfg.validation.z_samples, 10 * limit)
+        overrides += [
+            f"data.train_limit={limit}",
+            f"data.valid_limit={limit}",
+            f"validation.z_samples={z_samples}",
+        ]
 
     def one_epoch() -> tuple[float, float, torch.nn.Module]:
         with tempfile.TemporaryDirectory() as tmp:
