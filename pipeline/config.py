@@ -96,8 +96,10 @@ class TrainConfig:
     num_nodes: int = 1
     log_every_n_steps: int = 50
     cpu_threads: int | None = None
-    """torch threads per process on CPU; null = the cores divided by the processes per node.
-    Tiny models run fastest with 1 (small matrix products do not parallelise)."""
+    """torch threads per process on CPU. null: the cores divided by the processes per node,
+    and training switches to 1 thread while that is faster (another job on the machine;
+    pipeline/cpu_threads.py). Tiny models run fastest with 1 (small products do not
+    parallelise); a background run that leaves a core free uses 1."""
 
 
 @dataclass

@@ -43,6 +43,7 @@ from bihm.errors import UserError
 from bihm.evaluation import sample_pictures
 from bihm.lightning import BiHMModule
 from pipeline.config import Config, config_from_dict, save_config
+from pipeline.cpu_threads import CPUThreadGovernor
 
 MONITOR = "val/log_ptilde_star"
 
@@ -275,12 +276,14 @@ def resolve_accelerator(name: str) -> str:
     return name
 
 
-def set_cpu_threads(cfg: Config, accelerator: str, devices: int) -> None:
-    """torch threads per process: train.cpu_threads, else the cores shared by the processes."""
+def set_cpu_threads(cfg: Config, accelerator: str, devices: int) -> int:
+    """torch threads per process: train.cpu_threads, else the cores shared by the processes
+    (training then adapts between this and 1, see pipeline/cpu_threads.py). Returns it."""
     if accelerator != "cpu":
-        return
+        return torch.get_num_threads()
     threads = cfg.train.cpu_threads or max(1, (os.cpu_count() or 1) // max(1, devices))
     torch.set_num_threads(threads)
+    return threads
 
 
 def build_strategy(accelerator: str, devices: int, num_nodes: int):
@@ -354,8 +357,10 @@ def build_trainer(
     accelerator = resolve_accelerator(cfg.train.accelerator)
     devices = devices or cfg.train.devices
     num_nodes = num_nodes or cfg.train.num_nodes
-    set_cpu_threads(cfg, accelerator, devices)
+    threads = set_cpu_threads(cfg, accelerator, devices)
     callbacks = build_callbacks(cfg, run_dir) + list(extra_callbacks)
+    if accelerator == "cpu" and cfg.train.cpu_threads is None and threads > 1:
+        callbacks.append(CPUThreadGovernor(threads))
     logger = build_logger(cfg, run_dir) if logger is None else logger
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
