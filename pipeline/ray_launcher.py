@@ -71,7 +71,7 @@ def run_ray_training(
         cfg.run_dir = str(run_dir)
     workers = workers if workers is not None else cfg.train.devices * cfg.train.num_nodes
     check_options(cfg, workers, cpus_per_worker, gpus_per_worker, max_failures)
-    ckpt_path = check_run_dir(cfg, resume)
+    check_run_dir(cfg, resume)  # a resume continues from last.ckpt (see train_worker)
     shard_dir = Path(cfg.data.shard_dir).resolve()
     ensure_shards(shard_dir, cfg.data.dataset)
     run_dir = start_run_dir(cfg).resolve()
@@ -88,7 +88,6 @@ def run_ray_training(
             cfg,
             run_dir=run_dir,
             shard_dir=shard_dir,
-            ckpt_path=ckpt_path,
             workers=workers,
             cpus_per_worker=cpus_per_worker,
             gpus_per_worker=gpus,
@@ -154,8 +153,18 @@ def connect(
     try:
         ray.init(**kwargs)
     except (ConnectionError, ValueError, RuntimeError) as err:
-        where = f"the Ray cluster at {address}" if address else "a local Ray"
-        raise TrainingError(f"--address: could not start or join {where}: {err}") from err
+        if address is None:
+            raise TrainingError(f"could not start a local Ray: {err}") from err
+        hint = ""
+        if "RAY_AUTH_MODE" not in os.environ:
+            # Ray sends its token to an address given explicitly only when asked to.
+            hint = (
+                "; a cluster with token authentication (the default of `ray start`) needs "
+                "RAY_AUTH_MODE=token and its token in ~/.ray/auth_token or $RAY_AUTH_TOKEN"
+            )
+        raise TrainingError(
+            f"--address: could not join the Ray cluster at {address}: {err}{hint}"
+        ) from err
 
 
 def resolve_gpus(cfg: Config, gpus_per_worker: float | None) -> float:
@@ -194,7 +203,6 @@ def fit_on_ray(
     *,
     run_dir: Path,
     shard_dir: Path,
-    ckpt_path: str | None,
     workers: int,
     cpus_per_worker: float,
     gpus_per_worker: float,
@@ -220,7 +228,6 @@ def fit_on_ray(
             "config": cfg.to_dict(),
             "run_dir": str(run_dir),
             "shard_dir": str(shard_dir),
-            "ckpt_path": ckpt_path,
             "accelerator": "gpu" if use_gpu else "cpu",
             "cpus_per_worker": cpus_per_worker,
             "callbacks": extra_callbacks,
@@ -311,12 +318,19 @@ def train_worker(config: dict[str, Any]) -> None:
         extra_callbacks=[RayTrainReportCallback(), *config["callbacks"]],
     )
     trainer = prepare_trainer(trainer)
-    ckpt_path = config["ckpt_path"]
     with contextlib.ExitStack() as stack:
+        candidates = []
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:  # a restart after a failure: the last reported epoch
             folder = stack.enter_context(checkpoint.as_directory())
-            ckpt_path = str(Path(folder) / RayTrainReportCallback.CHECKPOINT_NAME)
+            candidates.append(str(Path(folder) / RayTrainReportCallback.CHECKPOINT_NAME))
+        # Ray collects reports every few seconds, so a worker that dies right after a
+        # report can lose it; the run folder's last.ckpt of that epoch is then newer. The
+        # driver checked that a new run's folder held none, so any last.ckpt is this job's.
+        last = Path(config["run_dir"]) / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            candidates.append(str(last))
+        ckpt_path = latest_checkpoint(candidates)
         if rank == 0 and ckpt_path:
             print(f"bihm: resuming from {ckpt_path}", file=sys.stderr, flush=True)
         try:
@@ -325,6 +339,16 @@ def train_worker(config: dict[str, Any]) -> None:
             finish_wandb(1)
             raise
         finish_wandb(0)
+
+
+def latest_checkpoint(paths: list[str]) -> str | None:
+    """The checkpoint with the most optimizer steps (the first one of equals), or None."""
+    best, best_step = None, -1
+    for path in paths:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if payload["global_step"] > best_step:
+            best, best_step = path, payload["global_step"]
+    return best
 
 
 def finish_wandb(exit_code: int) -> None:

@@ -222,14 +222,16 @@ def test_ray_and_lightning_ddp_give_the_same_metrics(shards, tmp_path, ddp_refer
 
 KILL_ONCE = textwrap.dedent(
     """
-    import os, signal, sys
+    import os, signal, sys, time
     import yaml
     from pytorch_lightning.callbacks import Callback
     from pipeline.config import config_from_dict
     from pipeline.ray_launcher import run_ray_training
 
     class KillRank1Once(Callback):
-        '''SIGKILL the rank-1 worker process at a global step, the first time only.'''
+        '''SIGKILL the rank-1 worker process at a global step, the first time only. It waits
+        first, so that Ray's controller (which polls the workers every 2 s) has collected
+        the checkpoint reported at the end of the previous epoch.'''
 
         def __init__(self, marker, step):
             self.marker, self.step = marker, step
@@ -241,6 +243,7 @@ KILL_ONCE = textwrap.dedent(
                 and not os.path.exists(self.marker)
             ):
                 open(self.marker, "w").close()
+                time.sleep(6)
                 os.kill(os.getpid(), signal.SIGKILL)
 
     cfg = config_from_dict(yaml.safe_load(open(sys.argv[1])))
@@ -290,10 +293,12 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def ray_head(tmp_path):
+def ray_head(tmp_path, monkeypatch):
     """`ray start --head` on 127.0.0.1 with 2 CPUs, stopped by the test: `--block` keeps the
     head in one process group that the fixture terminates (`ray stop` would stop every Ray
     on this machine, not only ours)."""
+    # The head's token (~/.ray/auth_token) is sent to an explicit address only in token mode.
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
     port = free_port()
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths
     ray_bin = Path(sys.executable).parent / "ray"
