@@ -36,6 +36,7 @@ from pipeline.train import (
     build_trainer,
     check_run_dir,
     ensure_shards,
+    fit,
     make_datamodule,
     start_run_dir,
 )
@@ -333,12 +334,7 @@ def train_worker(config: dict[str, Any]) -> None:
         ckpt_path = latest_checkpoint(candidates)
         if rank == 0 and ckpt_path:
             print(f"bihm: resuming from {ckpt_path}", file=sys.stderr, flush=True)
-        try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        except BaseException:
-            finish_wandb(1)
-            raise
-        finish_wandb(0)
+        fit(trainer, module, datamodule, ckpt_path)
 
 
 def latest_checkpoint(paths: list[str]) -> str | None:
@@ -349,14 +345,3 @@ def latest_checkpoint(paths: list[str]) -> str | None:
         if payload["global_step"] > best_step:
             best, best_step = path, payload["global_step"]
     return best
-
-
-def finish_wandb(exit_code: int) -> None:
-    """Close rank 0's wandb run: a Ray worker process outlives its training function, so
-    wandb's exit hook would run late or never."""
-    if "wandb" not in sys.modules:
-        return
-    import wandb
-
-    if wandb.run is not None:
-        wandb.finish(exit_code=exit_code)

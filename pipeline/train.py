@@ -442,6 +442,27 @@ def build_trainer(
     )
 
 
+def fit(trainer: pl.Trainer, module: pl.LightningModule, datamodule, ckpt_path: str | None):
+    """trainer.fit, then close rank 0's wandb run (not at process exit: a Ray worker outlives
+    its training function, and a second run in the same process would reuse the first run)."""
+    try:
+        # The checkpoint holds tensors and plain types only: load it with weights_only=True.
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except BaseException:
+        finish_wandb(1)
+        raise
+    finish_wandb(0)
+
+
+def finish_wandb(exit_code: int) -> None:
+    if "wandb" not in sys.modules:
+        return
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish(exit_code=exit_code)
+
+
 def run_training(
     cfg: Config,
     *,
@@ -466,8 +487,7 @@ def run_training(
     trainer = build_trainer(
         cfg, run_dir, devices=devices, num_nodes=num_nodes, extra_callbacks=extra_callbacks
     )
-    # The checkpoint holds tensors and plain types only: load it with weights_only=True.
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    fit(trainer, module, datamodule, ckpt_path)
     ckpt_cb = trainer.checkpoint_callback
     best = ckpt_cb.best_model_score if ckpt_cb is not None else None
     return {
