@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -255,6 +256,7 @@ KILL_ONCE = textwrap.dedent(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # three Ray starts: ~2 min on a quiet 2-core machine, 6 on a busy one
 def test_killed_worker_restarts_from_the_last_checkpoint_and_resume_keeps_one_run(
     shards, tmp_path, ddp_reference
 ):
@@ -337,6 +339,7 @@ def ray_head(tmp_path, monkeypatch):
         except ProcessLookupError:
             pass
         log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.mark.slow
