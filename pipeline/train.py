@@ -11,6 +11,8 @@ Run folder `runs/<name>/`:
     checkpoints/last.ckpt   resume point (optimizer, epoch counter, callbacks)
     checkpoints/best-*.ckpt the best by validation log p~*
     samples/epoch_NNNN.png  p (top-down) and p* (Gibbs) samples, every samples.every_n_epochs
+    wandb_run_id, wandb/    with logging.wandb on: the run's id (kept across resumes), its files
+    ray/                    with --launcher ray: the checkpoints reported to Ray Train
 """
 
 from __future__ import annotations
