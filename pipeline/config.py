@@ -168,6 +168,8 @@ class SamplesConfig:
 class LoggingConfig:
     wandb: Literal["off", "offline", "online"] = "off"
     wandb_project: str = "bihm"
+    wandb_group: str | None = None
+    """Groups the wandb runs of related jobs (e.g. a sweep); null = no group."""
     progress_bar: bool = True
 
 

@@ -11,6 +11,8 @@ Run folder `runs/<name>/`:
     checkpoints/last.ckpt   resume point (optimizer, epoch counter, callbacks)
     checkpoints/best-*.ckpt the best by validation log p~*
     samples/epoch_NNNN.png  p (top-down) and p* (Gibbs) samples, every samples.every_n_epochs
+    wandb_run_id, wandb/    with logging.wandb on: the run's id (kept across resumes), its files
+    ray/                    with --launcher ray: the checkpoints reported to Ray Train
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from bihm.atomic import atomic_path, atomic_write_text
 from bihm.errors import UserError
 from bihm.evaluation import sample_pictures
 from bihm.lightning import BiHMModule
+from data_shards import BinarizedMNISTDataModule
 from pipeline.config import Config, config_from_dict, save_config
 from pipeline.cpu_threads import CPUThreadGovernor
 
@@ -58,20 +61,25 @@ def is_rank_zero() -> bool:
 
 
 # --------------------------------------------------------------------------- data
-def make_datamodule(cfg: Config, **overrides: Any):
+class PreparingDataModule(BinarizedMNISTDataModule):
+    """The contract's data module; global rank 0 prepares the shards if they are missing.
+
+    A top-level class (not one defined inside a function) so that it pickles: Ray ships
+    the data module's class to its workers by reference.
+    """
+
+    def __init__(self, *args: Any, dataset: str = "binarized_mnist", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dataset = dataset
+        # One preparation per job (global rank 0), then Lightning's barrier.
+        self.prepare_data_per_node = False
+
+    def prepare_data(self) -> None:
+        ensure_shards(self.shard_dir, self.dataset)
+
+
+def make_datamodule(cfg: Config, **overrides: Any) -> PreparingDataModule:
     """The contract's BinarizedMNISTDataModule, preparing the shards on rank 0 if needed."""
-    from data_shards import BinarizedMNISTDataModule
-
-    class PreparingDataModule(BinarizedMNISTDataModule):
-        def __init__(self, *args, dataset: str = "binarized_mnist", **kwargs):
-            super().__init__(*args, **kwargs)
-            self.dataset = dataset
-            # One preparation per job (global rank 0), then Lightning's barrier.
-            self.prepare_data_per_node = False
-
-        def prepare_data(self) -> None:
-            ensure_shards(self.shard_dir, self.dataset)
-
     d = cfg.data
     kwargs = dict(
         shard_dir=d.shard_dir,
@@ -327,21 +335,78 @@ def build_callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
     return callbacks
 
 
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def wandb_run_id(run_dir: Path, create: bool = False) -> str | None:
+    """The wandb run id kept in the run folder, so that every resume (and every Ray restart)
+    continues the same wandb run instead of starting a new one. `create` (rank 0 or the
+    Ray driver, before any worker starts) makes one when the folder has none yet."""
+    path = Path(run_dir) / WANDB_ID_FILE
+    if path.is_file():
+        return path.read_text().strip() or None
+    if not create:
+        return None
+    import secrets
+    import string
+
+    # wandb's own id format: 8 lowercase letters and digits.
+    alphabet = string.ascii_lowercase + string.digits
+    run_id = "".join(secrets.choice(alphabet) for _ in range(8))
+    atomic_write_text(path, run_id + "\n")
+    return run_id
+
+
 def build_logger(cfg: Config, run_dir: Path):
     mode = cfg.logging.wandb
     if mode == "off":
         return False
     from pytorch_lightning.loggers import WandbLogger
 
-    # Only rank 0 creates the wandb run (Lightning's rank_zero_experiment).
+    # Only rank 0 creates the wandb run (Lightning's rank_zero_experiment), and it logs the
+    # module's epoch metrics, which are already reduced over all ranks. No API key is passed
+    # here: wandb reads WANDB_API_KEY or ~/.netrc itself, and never writes it to the run.
     return WandbLogger(
         project=cfg.logging.wandb_project,
+        group=cfg.logging.wandb_group,
         name=cfg.name,
+        id=wandb_run_id(run_dir),
+        resume="allow",
         save_dir=str(run_dir),
         offline=(mode == "offline"),
         config=cfg.to_dict(),
         log_model=False,
     )
+
+
+class WandbMedia(Callback):
+    """Rank 0 adds the run folder's pictures to the wandb run: each sample picture when it
+    is drawn, curves.png at the same epochs and when fit ends."""
+
+    def __init__(self, run_dir: str | os.PathLike, cfg: Config) -> None:
+        self.run_dir = Path(run_dir)
+        self.every = cfg.samples.every_n_epochs
+
+    def _log(self, trainer: pl.Trainer, key: str, path: Path) -> None:
+        if path.is_file():
+            trainer.logger.log_image(key, [str(path)], step=trainer.global_step)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if (
+            self.every <= 0
+            or trainer.sanity_checking
+            or trainer.state.fn != "fit"
+            or not trainer.is_global_zero
+            or (epoch + 1) % self.every != 0
+        ):
+            return
+        self._log(trainer, "samples", self.run_dir / "samples" / f"epoch_{epoch:04d}.png")
+        self._log(trainer, "curves", self.run_dir / "curves.png")
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._log(trainer, "curves", self.run_dir / "curves.png")
 
 
 def build_trainer(
@@ -353,22 +418,35 @@ def build_trainer(
     extra_callbacks: list[Callback] | tuple = (),
     max_epochs: int | None = None,
     logger: Any = None,
+    accelerator: str | None = None,
+    strategy: Any = None,
+    plugins: list | tuple = (),
 ) -> pl.Trainer:
-    accelerator = resolve_accelerator(cfg.train.accelerator)
-    devices = devices or cfg.train.devices
-    num_nodes = num_nodes or cfg.train.num_nodes
-    threads = set_cpu_threads(cfg, accelerator, devices)
+    """The Trainer of `bihm train`. A launcher that places the processes itself (Ray Train)
+    passes its `strategy` and cluster-environment `plugins`; each process then has one device
+    and sets its own torch threads."""
+    accelerator = accelerator or resolve_accelerator(cfg.train.accelerator)
+    threads = 1
+    if strategy is None:
+        devices = devices or cfg.train.devices
+        num_nodes = num_nodes or cfg.train.num_nodes
+        threads = set_cpu_threads(cfg, accelerator, devices)
+        strategy = build_strategy(accelerator, devices, num_nodes)
+    else:
+        devices, num_nodes = "auto", 1
     callbacks = build_callbacks(cfg, run_dir) + list(extra_callbacks)
     if accelerator == "cpu" and cfg.train.cpu_threads is None and threads > 1:
         callbacks.append(CPUThreadGovernor(threads))
     logger = build_logger(cfg, run_dir) if logger is None else logger
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+        if hasattr(logger, "log_image"):
+            callbacks.append(WandbMedia(run_dir, cfg))
     return pl.Trainer(
         accelerator=accelerator,
         devices=devices,
         num_nodes=num_nodes,
-        strategy=build_strategy(accelerator, devices, num_nodes),
+        strategy=strategy,
         max_epochs=max_epochs or cfg.train.max_epochs,
         callbacks=callbacks,
         logger=logger,
@@ -380,8 +458,29 @@ def build_trainer(
         log_every_n_steps=cfg.train.log_every_n_steps,
         # The data module shards every split itself (exactly-once validation).
         use_distributed_sampler=False,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *plugins],
     )
+
+
+def fit(trainer: pl.Trainer, module: pl.LightningModule, datamodule, ckpt_path: str | None):
+    """trainer.fit, then close rank 0's wandb run (not at process exit: a Ray worker outlives
+    its training function, and a second run in the same process would reuse the first run)."""
+    try:
+        # The checkpoint holds tensors and plain types only: load it with weights_only=True.
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except BaseException:
+        finish_wandb(1)
+        raise
+    finish_wandb(0)
+
+
+def finish_wandb(exit_code: int) -> None:
+    if "wandb" not in sys.modules:
+        return
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish(exit_code=exit_code)
 
 
 def run_training(
@@ -397,20 +496,10 @@ def run_training(
     if run_dir is not None:
         cfg.run_dir = str(run_dir)
     run_dir = cfg.resolved_run_dir()
-    last = run_dir / "checkpoints" / "last.ckpt"
-    ckpt_path = None
-    if resume:
-        if not last.is_file():
-            raise TrainingError(f"--resume: no checkpoint to resume from at {last}")
-        ckpt_path = str(last)
-    elif last.is_file() and is_rank_zero():
-        raise TrainingError(
-            f"{run_dir} already holds a run ({last}); pass --resume to continue it, "
-            f"or choose another --run-dir / name"
-        )
+    # Every rank checks (cheap, read-only), so a used folder stops all of them at once.
+    ckpt_path = check_run_dir(cfg, resume)
     if is_rank_zero():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        start_run_dir(cfg)
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = BiHMModule(cfg.to_dict())
@@ -418,8 +507,7 @@ def run_training(
     trainer = build_trainer(
         cfg, run_dir, devices=devices, num_nodes=num_nodes, extra_callbacks=extra_callbacks
     )
-    # The checkpoint holds tensors and plain types only: load it with weights_only=True.
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    fit(trainer, module, datamodule, ckpt_path)
     ckpt_cb = trainer.checkpoint_callback
     best = ckpt_cb.best_model_score if ckpt_cb is not None else None
     return {
@@ -429,6 +517,38 @@ def run_training(
         "epochs": trainer.current_epoch,
         "global_rank": trainer.global_rank,
     }
+
+
+def check_run_dir(cfg: Config, resume: bool) -> str | None:
+    """Start-up check of the run folder: the checkpoint to resume from, None for a new run.
+
+    Raises TrainingError when there is nothing to resume or the folder already holds a run.
+    """
+    run_dir = cfg.resolved_run_dir()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if resume:
+        if not last.is_file():
+            raise TrainingError(f"--resume: no checkpoint to resume from at {last}")
+        return str(last)
+    if last.is_file():
+        raise TrainingError(
+            f"{run_dir} already holds a run ({last}); pass --resume to continue it, "
+            f"or choose another --run-dir / name"
+        )
+    return None
+
+
+def start_run_dir(cfg: Config) -> Path:
+    """Create the run folder with config.yaml and, if wandb logs, the run's wandb id.
+
+    Called once per job before training: by rank 0, or by the Ray driver.
+    """
+    run_dir = cfg.resolved_run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    if cfg.logging.wandb != "off":
+        wandb_run_id(run_dir, create=True)
+    return run_dir
 
 
 def config_for_resume(run_dir: Path) -> Config:
