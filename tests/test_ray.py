@@ -26,7 +26,7 @@ import yaml
 
 from pipeline.cli import main
 from pipeline.config import config_from_dict
-from tests.test_train import make_shards, read_metrics, run_python, tiny_config
+from tests.conftest import make_shards, read_metrics, run_python, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 EPOCHS = 2
