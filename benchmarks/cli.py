@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from pipeline.argtypes import positive_float, positive_int
+
 
 def _bench(args: argparse.Namespace) -> int:
     import torch
@@ -35,7 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     p.add_argument(
-        "--min-time", type=float, default=3.0, help="seconds of repeats per workload (median)"
+        "--min-time",
+        type=positive_float,
+        default=3.0,
+        help="seconds of repeats per workload (median)",
     )
     p.add_argument(
         "--shards",
@@ -48,6 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--no-contention", action="store_true", help="skip the epoch beside a busy-loop process"
     )
     p.add_argument(
-        "--epoch-limit", type=int, default=None, help="train/valid images of the epoch (tests)"
+        "--epoch-limit",
+        type=positive_int,
+        default=None,
+        help="train/valid images of the epoch (tests)",
     )
     p.set_defaults(func=_bench)

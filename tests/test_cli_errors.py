@@ -166,7 +166,7 @@ def test_outputs_are_readable_by_group_and_others_under_umask_022(tmp_path):
     finally:
         os.umask(old)
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert len(files) >= 4 + 3 + 1
+    assert len(files) == 3 + 4  # a.txt, m.pt, c.png; 3 shards and manifest.json
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
     assert not list(tmp_path.rglob("*.tmp*")), "temporary files left behind"
