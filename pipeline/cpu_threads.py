@@ -5,9 +5,9 @@ CPU-bound process shares the cores, one of those threads keeps losing its core a
 op waits for it: on a 2-core machine a K = 10 training step went from ~70 ms to over a
 second with 2 threads, while 1 thread kept its speed. On a quiet machine 2 threads are
 ~1.5x faster than 1. So the governor measures instead of guessing: now and then it times a
-few steps with the other thread count and keeps the faster one. Probes of a setting that
-lost are spaced out exponentially (every 50, 100, 200, ... steps, at most every 3200), so
-a wrong setting costs a few steps, not an epoch.
+few steps with the other thread count and keeps the faster one: first after 5 steps, then
+after every loss of the other setting twice as late (25, 50, 100, ... steps, at most 3200),
+so a wrong setting costs a few steps, not an epoch.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 
 PROBE_STEPS = 3  # steps timed with the other setting; the first one is not used
-FIRST_INTERVAL, MAX_INTERVAL = 50, 3200
+FIRST_PROBE = 5  # steps of the starting setting before the first probe
+FIRST_INTERVAL, MAX_INTERVAL = 25, 3200
 WINDOW = 20  # recent steps of the current setting, whose median is the reference
 MARGIN = 0.9  # switch only to a setting at least 10% faster
 
@@ -33,7 +34,7 @@ class CPUThreadGovernor(pl.Callback):
         self.choices = (max_threads, 1)
         self.current = max_threads
         self.interval = FIRST_INTERVAL
-        self.next_probe = FIRST_INTERVAL
+        self.next_probe = FIRST_PROBE
         self.recent: list[float] = []  # step times of the current setting
         self.probing = False
         self.probe: list[float] = []  # step times of the other setting, while probing
@@ -47,7 +48,8 @@ class CPUThreadGovernor(pl.Callback):
         torch.set_num_threads(self.current)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        if not self.probing and trainer.global_step >= self.next_probe and len(self.recent) >= 5:
+        ready = len(self.recent) >= FIRST_PROBE
+        if not self.probing and trainer.global_step >= self.next_probe and ready:
             torch.set_num_threads(self.other)
             self.probing, self.probe = True, []
         self._start = self.clock()

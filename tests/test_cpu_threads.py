@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
-from pipeline.cpu_threads import FIRST_INTERVAL, CPUThreadGovernor
+from pipeline.cpu_threads import FIRST_PROBE, CPUThreadGovernor
 
 
 class FakeClock:
@@ -40,14 +40,15 @@ def test_switches_to_one_thread_on_a_busy_machine_and_back_when_it_is_quiet():
         trainer = SimpleNamespace(global_step=0)
         governor.on_train_start(trainer, None)
         used = run_steps(governor, trainer, 200)
-        assert used[:FIRST_INTERVAL] == [2] * FIRST_INTERVAL
+        assert used[:FIRST_PROBE] == [2] * FIRST_PROBE
         switch = used.index(1)
         # Right after the first probe; later probes of 2 threads lose and are spaced out.
-        assert switch == FIRST_INTERVAL and used[switch:].count(2) <= 6
+        assert switch == FIRST_PROBE and used[switch:].count(2) <= 12
         clock.cost = {2: 0.04, 1: 0.07}  # quiet again: 2 threads are faster
         used = run_steps(governor, trainer, 2000)
         assert used[-1] == 2 and used[-200:].count(1) <= 3
-        # A losing probe costs 3 steps and backs off: few steps run with the slower setting.
-        assert used.count(1) < 0.1 * len(used)
+        # Found again at the next probe (the busy phase had spaced them out to ~200 steps);
+        # after that, losing probes cost 3 steps each and back off.
+        assert used.count(1) < 0.15 * len(used)
     finally:
         torch.set_num_threads(before)
