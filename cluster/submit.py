@@ -135,6 +135,12 @@ def tool_path(name: str) -> str:
     return str(sibling) if sibling.exists() else (shutil.which(name) or name)
 
 
+def has_ray_client() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("grpc") is not None
+
+
 # --------------------------------------------------------------------------- slurm
 @dataclass
 class SlurmJob:
@@ -201,6 +207,11 @@ class SlurmJob:
             "workdir": str(self.workdir),
             "python": shlex.quote(self.python),
             "ray": shlex.quote(tool_path("ray")),
+            # `ray start` opens the Ray Client port only where ray[client] (grpc) is
+            # installed, and refuses the flag elsewhere; the nodes run this environment.
+            "ray_client": "HEAD_PORTS=("
+            + ('--ray-client-server-port="$CLIENT_SERVER_PORT"' if has_ray_client() else "")
+            + ")",
             "command": " ".join(['"$PYTHON"', "-m", "pipeline.cli", *words]),
         }
         text = TEMPLATES[self.launcher].read_text()
@@ -388,7 +399,10 @@ def ray_runtime_env(working_dir: Path) -> dict[str, Any]:
         # Ray also honours the folder's .gitignore; these keep data and runs out even
         # without one (the upload limit is a few hundred MiB).
         "excludes": [".git", ".venv", "runs", "data", "wandb", "*.ckpt", "__pycache__"],
-        "py_modules": [bihm, data_shards, pipeline, benchmarks, cluster],
+        # Package folders (the Jobs client uploads local paths, not module objects).
+        "py_modules": [
+            str(Path(m.__file__).parent) for m in (bihm, data_shards, pipeline, benchmarks, cluster)
+        ],
     }
 
 

@@ -267,4 +267,5 @@ def test_submit_ray_entrypoint_and_runtime_env(config, tmp_path):
     )
     env = submit.ray_runtime_env(tmp_path)
     assert env["working_dir"] == str(tmp_path) and "runs" in env["excludes"]
-    assert {m.__name__ for m in env["py_modules"]} >= {"bihm", "pipeline", "data_shards"}
+    assert {Path(m).name for m in env["py_modules"]} >= {"bihm", "pipeline", "data_shards"}
+    assert all((Path(m) / "__init__.py").is_file() for m in env["py_modules"])
