@@ -269,3 +269,14 @@ def test_submit_ray_entrypoint_and_runtime_env(config, tmp_path):
     assert env["working_dir"] == str(tmp_path) and "runs" in env["excludes"]
     assert {Path(m).name for m in env["py_modules"]} >= {"bihm", "pipeline", "data_shards"}
     assert all((Path(m) / "__init__.py").is_file() for m in env["py_modules"])
+
+
+def test_ray_cluster_launcher_example_is_valid_and_keeps_the_dashboard_on_loopback():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    path = Path(submit.__file__).parent / "ray-cluster.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    validate_config(prepare_config(cfg))  # Ray's own schema and defaults, as `ray up` does
+    head = " ".join(cfg["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in path.read_text()
+    assert all("RAY_AUTH_MODE=token" in c for c in (head, cfg["worker_start_ray_commands"][1]))
