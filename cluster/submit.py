@@ -113,13 +113,53 @@ def load_run_config(path: Path | None, overrides: list[str]):
     from pipeline.config import ConfigError, load_config
 
     if path is None:
-        raise SubmitError("--config: required")
+        raise SubmitError("--config: required (or --tune SWEEP.yaml)")
     if not path.is_file():
         raise SubmitError(f"--config: {path} does not exist")
     try:
         return load_config(path, overrides)
     except ConfigError as err:
         raise SubmitError(f"--config: {err}") from None
+
+
+@dataclass
+class JobConfig:
+    """What a job trains: the training config (for a sweep, its base config), the folder
+    its results go to (relative to the job's folder) and a short name."""
+
+    cfg: Any
+    results: Path
+    name: str
+
+
+def load_job_config(config: Path | None, tune: Path | None, overrides: list[str]) -> JobConfig:
+    """`--config FILE` for `bihm train`, or `--tune SWEEP.yaml` for `bihm tune`: the sweep
+    file names its base config (`base:`, relative to the sweep file) and its folder
+    (`run_dir:`, default runs/<name>); the sweep itself is checked by `bihm tune`."""
+    import yaml
+
+    from pipeline.config import ConfigError, load_config
+
+    if tune is None:
+        cfg = load_run_config(config, overrides)
+        return JobConfig(cfg, cfg.resolved_run_dir(), cfg.name)
+    if config is not None:
+        raise SubmitError("--config: not with --tune (the sweep file names its base config)")
+    if not tune.is_file():
+        raise SubmitError(f"--tune: {tune} does not exist")
+    try:
+        sweep = yaml.safe_load(tune.read_text())
+    except yaml.YAMLError as err:
+        raise SubmitError(f"--tune: {tune} is not valid YAML: {err}") from None
+    if not isinstance(sweep, dict):
+        raise SubmitError(f"--tune: {tune} is not a YAML mapping")
+    name = str(sweep.get("name") or tune.stem)
+    base = tune.parent / sweep["base"] if sweep.get("base") else None
+    try:
+        cfg = load_config(base, overrides)
+    except ConfigError as err:
+        raise SubmitError(f"--tune: base config: {err}") from None
+    return JobConfig(cfg, Path(sweep.get("run_dir") or Path("runs") / name), name)
 
 
 def absolute(path: str | os.PathLike, base: Path) -> Path:
@@ -147,7 +187,7 @@ class SlurmJob:
     """Everything the sbatch templates need, checked."""
 
     launcher: str
-    config: Path
+    config: Path | None
     overrides: list[str]
     nodes: int
     gpus_per_node: int
@@ -166,7 +206,7 @@ class SlurmJob:
         """The command line the job runs (with "$PYTHON" for the environment's Python)."""
         sets = [a for o in self.overrides for a in ("--set", o)]
         if self.tune is not None:
-            return ["tune", "--config", str(self.tune), "--address", "$address", *sets]
+            return ["tune", "--config", str(self.tune), *sets, "--address", "$address"]
         cmd = ["train", "--config", str(self.config), *sets]
         if self.launcher == "ddp":
             return [*cmd, "--devices", str(self.tasks_per_node), "--num-nodes", str(self.nodes)]
@@ -237,34 +277,32 @@ def slurm_job(args: argparse.Namespace, cwd: Path) -> tuple[SlurmJob, list[str]]
         value = getattr(args, flag)
         if value is not None and not SBATCH_SAFE.match(value):
             raise SubmitError(f"--{flag.replace('_', '-')}: unexpected characters in {value!r}")
-    cfg = load_run_config(args.config, args.set)
-    accelerator = cfg.train.accelerator
-    if args.gpus_per_node and accelerator == "cpu":
+    if args.tune is not None and args.launcher == "ddp":
+        raise SubmitError("--tune: sweeps run on Ray; use --launcher ray")
+    job_cfg = load_job_config(args.config, args.tune, args.set)
+    accelerator = job_cfg.cfg.train.accelerator
+    if args.tune is None and args.gpus_per_node and accelerator == "cpu":
         raise SubmitError(
             f"--gpus-per-node {args.gpus_per_node}: the config trains on the CPU "
             "(train.accelerator: cpu); add --set train.accelerator=gpu"
         )
-    if not args.gpus_per_node and accelerator == "gpu":
+    if args.tune is None and not args.gpus_per_node and accelerator == "gpu":
         raise SubmitError("--gpus-per-node 0: the config trains on GPUs (train.accelerator: gpu)")
-    tune = None
-    if args.tune is not None:
-        if args.launcher == "ddp":
-            raise SubmitError("--tune: sweeps run on Ray; use --launcher ray")
-        if not args.tune.is_file():
-            raise SubmitError(f"--tune: {args.tune} does not exist")
-        tune = absolute(args.tune, cwd)
+    tune = absolute(args.tune, cwd) if args.tune is not None else None
+    config = absolute(args.config, cwd) if args.config is not None else None
     # The job runs in this folder on the first node; every node must see the config, the
     # shards and the run folder under the same paths.
-    run_dir = absolute(cfg.resolved_run_dir(), cwd)
+    run_dir = absolute(job_cfg.results, cwd)
+    source = "--tune" if tune else "--config"
     for flag, path in (
-        ("--config", absolute(args.config, cwd)),
-        ("data.shard_dir (--config)", absolute(cfg.data.shard_dir, cwd)),
-        ("run_dir (--config)", run_dir),
+        (source, tune or config),
+        (f"data.shard_dir ({source})", absolute(job_cfg.cfg.data.shard_dir, cwd)),
+        (f"run_dir ({source})", run_dir),
     ):
         warning = check_shared_path(flag, path, args.nodes)
         if warning:
             warnings.append(warning)
-    name = args.job_name or re.sub(r"[^A-Za-z0-9_.-]", "_", f"bihm-{'tune' if tune else cfg.name}")
+    name = args.job_name or re.sub(r"[^A-Za-z0-9_.-]", "_", f"bihm-{job_cfg.name}")
     log_dir = absolute(args.log_dir, cwd)
     for flag, path in (("--log-dir", log_dir), ("the current folder", cwd)):
         if re.search(r"\s", str(path)):
@@ -273,7 +311,7 @@ def slurm_job(args: argparse.Namespace, cwd: Path) -> tuple[SlurmJob, list[str]]
             )
     job = SlurmJob(
         launcher=args.launcher,
-        config=absolute(args.config, cwd),
+        config=config,
         overrides=list(args.set),
         nodes=args.nodes,
         gpus_per_node=args.gpus_per_node,
@@ -318,10 +356,7 @@ def submit_slurm(args: argparse.Namespace) -> int:
     job_id = proc.stdout.strip().split(";")[0]
     print(f"submitted SLURM job {job_id}")
     print(f"log: {str(job.log_path).replace('%j', job_id)}")
-    if job.tune is None:
-        print(f"run folder: {job.run_dir}")
-    else:
-        print(f"sweep: {job.tune} (trial run folders as set by the sweep; see the log)")
+    print(f"{'sweep' if job.tune else 'run'} folder: {job.run_dir}")
     return 0
 
 
@@ -369,9 +404,7 @@ def ray_entrypoint(args: argparse.Namespace, working_dir: Path) -> str:
 
     sets = [a for o in args.set for a in ("--set", o)]
     if args.tune is not None:
-        if not args.tune.is_file():
-            raise SubmitError(f"--tune: {args.tune} does not exist")
-        cmd = ["tune", "--config", inside("--tune", args.tune), "--address", "auto", *sets]
+        cmd = ["tune", "--config", inside("--tune", args.tune), *sets, "--address", "auto"]
     else:
         cmd = ["train", "--config", inside("--config", args.config), *sets]
         if args.workers is not None:
@@ -406,16 +439,18 @@ def ray_runtime_env(working_dir: Path) -> dict[str, Any]:
     }
 
 
-def relative_path_warnings(cfg) -> list[str]:
+def relative_path_warnings(job_cfg: JobConfig) -> list[str]:
     """Relative data and run paths resolve inside the job's unpacked copy of the working
     directory on the cluster (data/ and runs/ are not uploaded, and the copy is temporary)."""
     out = []
-    for key, value in (("data.shard_dir", cfg.data.shard_dir), ("run_dir", cfg.run_dir)):
-        shown = value if value is not None else str(cfg.resolved_run_dir())
-        if not Path(shown).is_absolute():
+    for key, value in (
+        ("data.shard_dir", job_cfg.cfg.data.shard_dir),
+        ("run_dir", job_cfg.results),
+    ):
+        if not Path(value).is_absolute():
             out.append(
-                f"{key} {shown!r} is relative: on the cluster it resolves inside the job's "
-                f"temporary copy of the working directory; use a shared path "
+                f"{key} {str(value)!r} is relative: on the cluster it resolves inside the "
+                f"job's temporary copy of the working directory; use a shared path "
                 f"(--set {key}=/shared/...)"
             )
     return out
@@ -446,12 +481,12 @@ def submit_ray(args: argparse.Namespace) -> int:
         address, warning = check_ray_address(args.address)
         if warning:
             print(f"bihm submit ray: warning: {warning}", file=sys.stderr)
-        cfg = load_run_config(args.config, args.set)
+        job_cfg = load_job_config(args.config, args.tune, args.set)
         working_dir = Path(args.working_dir).resolve()
         if not working_dir.is_dir():
             raise SubmitError(f"--working-dir: {args.working_dir} is not a folder")
         entrypoint = ray_entrypoint(args, working_dir)
-        for w in relative_path_warnings(cfg):
+        for w in relative_path_warnings(job_cfg):
             print(f"bihm submit ray: warning: {w}", file=sys.stderr)
     except SubmitError as err:
         print(f"bihm submit ray: error: {err}", file=sys.stderr)
@@ -472,8 +507,7 @@ def submit_ray(args: argparse.Namespace) -> int:
         print(f"bihm submit ray: error: --address {address}: {err}", file=sys.stderr)
         return 1
     print(f"submitted Ray job {job_id} to {address}: {entrypoint}")
-    if args.tune is None:
-        print(f"run folder: {cfg.resolved_run_dir()}")
+    print(f"{'sweep' if args.tune else 'run'} folder: {job_cfg.results}")
     if args.no_wait:
         print(f"follow it with: ray job logs --address {address} --follow {job_id}")
         return 0
@@ -499,7 +533,7 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="target", required=True)
 
     s = sub.add_parser("slurm", help="render an sbatch script (Ray or DDP) and sbatch it")
-    s.add_argument("--config", type=Path, default=None, help="YAML config file (required)")
+    s.add_argument("--config", type=Path, default=None, help="YAML config file (or --tune)")
     add_override_argument(s, "override a config value (repeatable), passed on to the job")
     s.add_argument("--nodes", type=int, default=1)
     s.add_argument("--gpus-per-node", type=int, default=0)
@@ -514,7 +548,7 @@ def register(subparsers) -> None:
         default="ray",
         help="ray: a Ray cluster in the allocation (default); ddp: srun + Lightning DDP",
     )
-    s.add_argument("--tune", type=Path, default=None, help="run `bihm tune` on this sweep")
+    s.add_argument("--tune", type=Path, default=None, help="run `bihm tune` on this sweep file")
     s.add_argument("--log-dir", type=Path, default=Path("runs/slurm"), help="SLURM log folder")
     s.add_argument("--python", default=None, help="Python on the nodes (default: this one)")
     s.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
@@ -522,10 +556,10 @@ def register(subparsers) -> None:
 
     r = sub.add_parser("ray", help="submit to a running Ray cluster through its Jobs API")
     r.add_argument("--address", required=True, help="Jobs API, e.g. http://127.0.0.1:8265")
-    r.add_argument("--config", type=Path, default=None, help="YAML config file (required)")
+    r.add_argument("--config", type=Path, default=None, help="YAML config file (or --tune)")
     add_override_argument(r, "override a config value (repeatable), passed on to the job")
     r.add_argument("--working-dir", type=Path, default=Path("."), help="uploaded with the job")
-    r.add_argument("--tune", type=Path, default=None, help="run `bihm tune` on this sweep")
+    r.add_argument("--tune", type=Path, default=None, help="run `bihm tune` on this sweep file")
     r.add_argument("--workers", type=int, default=None, help="train on N Ray Train workers")
     r.add_argument("--gpus-per-worker", type=float, default=None)
     r.add_argument("--cpus-per-worker", type=float, default=None)

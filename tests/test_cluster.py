@@ -106,13 +106,29 @@ def test_ray_template_has_the_resources_and_keeps_the_dashboard_on_loopback(
 
 def test_ray_template_runs_a_sweep_with_tune(config, tmp_path, capsys):
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text("{}\n")
-    script = render(capsys, "--config", str(config), "--tune", str(sweep), "--cpus-per-task", "2")
+    sweep.write_text("name: lr_sweep\nbase: tiny.yaml\nrun_dir: sweeps/lr\n")
+    script = render(capsys, "--tune", str(sweep), "--cpus-per-task", "2", "--set", "train.K=3")
     bash_n(script, tmp_path)
     cmd = script.strip().splitlines()[-3]
-    assert cmd == f'"$PYTHON" -m pipeline.cli tune --config {sweep} --address "$address" &'
-    assert sbatch_options(script)["job-name"] == "bihm-tune"
+    assert cmd == (
+        f'"$PYTHON" -m pipeline.cli tune --config {sweep} --set train.K=3 --address "$address" &'
+    )
+    assert sbatch_options(script)["job-name"] == "bihm-lr_sweep"
     assert "gpus-per-node" not in sbatch_options(script)
+    # The sweep's base config is checked too, and the sweep folder printed up front.
+    sweep.write_text("base: tiny.yaml\n")
+    assert main(["submit", "slurm", "--tune", str(sweep), "--set", "optim.lr=-1"]) == 2
+    assert "--tune: base config:" in capsys.readouterr().err
+
+
+def test_submitting_a_sweep_prints_its_folder(config, tmp_path, fake_sbatch, capsys):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("base: tiny.yaml\n")
+    assert main(["submit", "slurm", "--tune", str(sweep)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "submitted SLURM job 4242"
+    assert out[1] == f"log: {tmp_path}/runs/slurm/bihm-sweep-4242.out"
+    assert out[2] == f"sweep folder: {tmp_path}/runs/sweep"
 
 
 def test_ddp_template_runs_one_srun_task_per_gpu(config, shared_fs, tmp_path, capsys):
@@ -145,7 +161,7 @@ def test_ddp_template_runs_one_srun_task_per_gpu(config, shared_fs, tmp_path, ca
         (["--config", "missing.yaml"], "--config"),
         (["--set", "optim.lr=-1"], "optim.lr"),
         (["--gpus-per-node", "2"], "--gpus-per-node"),  # the config trains on the CPU
-        (["--tune", "no-such-sweep.yaml"], "--tune"),
+        (["--tune", "tiny.yaml"], "--config: not with --tune"),
         (["--launcher", "ddp", "--tune", "tiny.yaml"], "--tune"),
         (["--partition", "gpu; rm -rf ~"], "--partition"),
         # Two nodes cannot share shards in one node's /dev/shm.
@@ -169,7 +185,9 @@ def test_bad_arguments_are_refused_before_anything_is_submitted(
 def test_config_is_required(fake_sbatch, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["submit", "slurm", "--nodes", "1"]) == 2
-    assert "--config: required" in capsys.readouterr().err
+    assert "--config: required (or --tune SWEEP.yaml)" in capsys.readouterr().err
+    assert main(["submit", "slurm", "--tune", "no-such-sweep.yaml"]) == 2
+    assert "--tune: no-such-sweep.yaml does not exist" in capsys.readouterr().err
     assert not (fake_sbatch / "args").exists()
 
 
