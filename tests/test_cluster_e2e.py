@@ -243,10 +243,13 @@ def train_has_ray_launcher() -> bool:
     return any("--launcher" in a.option_strings for a in sub.choices["train"]._actions)
 
 
-@pytest.mark.skipif(
+needs_ray_launcher = pytest.mark.skipif(
     not train_has_ray_launcher(),
     reason="needs `bihm train --launcher ray` (issue: Ray Train launcher), not merged yet",
 )
+
+
+@needs_ray_launcher
 def test_slurm_ray_job_trains_with_the_ray_launcher(slurm_env, tmp_path):
     config, run_dir = write_tiny_config(tmp_path)
     job_id, log, _ = submit(
@@ -372,3 +375,19 @@ def test_submit_ray_exits_with_the_failed_job_s_status(ray_head, tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "bihm train: error:" in proc.stdout and "--resume" in proc.stdout
     assert proc.stdout.rstrip().endswith("FAILED")
+
+
+@needs_ray_launcher
+def test_submit_ray_trains_on_ray_train_workers(ray_head, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    config, run_dir = write_tiny_config(tmp_path)
+    (work / "tiny.yaml").write_text(config.read_text())
+    proc = submit_ray(
+        ray_head, ["--config", "tiny.yaml", "--workers", "1", "--cpus-per-worker", "1"],
+        cwd=work, timeout=500,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "--launcher ray --address auto --workers 1" in proc.stdout
+    assert "bihm train: done after 2 epochs" in proc.stdout
+    check_run_folder(run_dir)
