@@ -246,7 +246,7 @@ class SlurmJob:
             "log_path": str(self.log_path),
             "workdir": str(self.workdir),
             "python": shlex.quote(self.python),
-            "ray": shlex.quote(tool_path("ray")),
+            "ray": shlex.quote(self.ray()),
             # `ray start` opens the Ray Client port only where ray[client] (grpc) is
             # installed, and refuses the flag elsewhere; the nodes run this environment.
             "ray_client": "HEAD_PORTS=("
@@ -255,8 +255,12 @@ class SlurmJob:
             "command": " ".join(['"$PYTHON"', "-m", "pipeline.cli", *words]),
         }
         text = TEMPLATES[self.launcher].read_text()
-        rendered = re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], text)
-        return rendered
+        return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], text)
+
+    def ray(self) -> str:
+        """The `ray` executable beside the job's Python (its environment), else this one's."""
+        sibling = Path(self.python).parent / "ray"
+        return str(sibling) if sibling.is_absolute() and sibling.exists() else tool_path("ray")
 
 
 SBATCH_SAFE = re.compile(r"^[A-Za-z0-9_.,:+=@/-]+$")
