@@ -217,6 +217,7 @@ def test_slurm_ray_template_starts_ray_and_stops_it_at_the_end(slurm_env, tmp_pa
     assert "--launcher ray --address 127.0.0.1:6379 --workers 1" in text
     assert "stopping Ray on 1 node(s)" in text
     assert ray_processes_of(f"/tmp/ray-{job_id}") == []
+    assert not Path(f"/tmp/ray-{job_id}").exists()  # a successful job's Ray logs are removed
 
 
 def test_slurm_ray_template_stops_ray_when_the_job_is_cancelled(slurm_env, tmp_path):
@@ -234,6 +235,7 @@ def test_slurm_ray_template_stops_ray_when_the_job_is_cancelled(slurm_env, tmp_p
     while ray_processes_of(f"/tmp/ray-{job_id}"):
         assert time.monotonic() < deadline, ray_processes_of(f"/tmp/ray-{job_id}")
         time.sleep(2)
+    shutil.rmtree(f"/tmp/ray-{job_id}", ignore_errors=True)  # a failed job's Ray logs stay
 
 
 def train_has_ray_launcher() -> bool:
