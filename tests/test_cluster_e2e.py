@@ -27,7 +27,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_train import ROOT, make_shards, read_metrics, tiny_config
+from tests.test_train import make_shards, read_metrics, tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
 
 LOCAL_SLURM = ROOT / "cluster" / "local-slurm.sh"
 pytestmark = pytest.mark.slow
