@@ -1,0 +1,1 @@
+"""Cluster job submission: `bihm submit slurm|ray`, the sbatch templates, a local SLURM."""

@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     from benchmarks.cli import register as register_bench
 
     register_bench(subparsers)
+    from cluster.submit import register as register_submit
+
+    register_submit(subparsers)
     return parser
 
 

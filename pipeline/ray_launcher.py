@@ -143,7 +143,11 @@ def connect(
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = {"runtime_env": runtime_env(), "include_dashboard": False}
+    kwargs: dict[str, Any] = {"include_dashboard": False}
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
+        # Inside a Ray job (`bihm submit ray`) the job's own runtime_env already carries
+        # the code; a second one would clash with it.
+        kwargs["runtime_env"] = runtime_env()
     if address is None:
         # "local": never join a cluster that someone else started on this machine.
         kwargs.update(address="local", num_cpus=math.ceil(workers * cpus_per_worker))
