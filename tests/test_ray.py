@@ -174,8 +174,10 @@ def test_ray_start_up_errors_stop_in_the_driver_before_ray_starts(shards, tmp_pa
     assert main(["train", "--config", str(path), "--launcher", "ray", "--workers", "2"]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert not ray.is_initialized()
-    assert main(["train", "--config", str(path), "--launcher", "ray", "--workers", "0"]) == 2
-    assert "--workers must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # refused by argparse, in one line
+        main(["train", "--config", str(path), "--launcher", "ray", "--workers", "0"])
+    assert exit_.value.code == 2
+    assert "argument --workers: must be >= 1" in capsys.readouterr().err
     assert main(["train", "--config", str(path), "--workers", "2"]) == 2
     assert "--workers needs --launcher ray" in capsys.readouterr().err
     argv = ["train", "--config", str(path), "--launcher", "ray", "--gpus-per-worker", "1"]
