@@ -108,6 +108,11 @@ BAD_INPUTS = [
     # bihm tune
     ("tune --config {tmp}/missing_sweep.yaml", "missing_sweep.yaml"),
     ("tune --config {config} --num-samples 0", "--num-samples"),
+    # bihm submit
+    ("submit slurm --config {config} --nodes 0 --gpus-per-node 0 --dry-run", "--nodes"),
+    ("submit slurm --config {config} --nodes 1 --gpus-per-node 0 --time 1:2 --dry-run", "--time"),
+    ("submit slurm --config {tmp}/missing.yaml --nodes 1 --gpus-per-node 0 --dry-run", "missing"),
+    ("submit ray --address http://127.0.0.1:9 --config {tmp}/missing.yaml", "missing.yaml"),
     # no sub-command / an unknown one
     ("frobnicate", "frobnicate"),
 ]
@@ -131,7 +136,7 @@ def test_bad_input_is_one_line_naming_the_culprit(files, argv, culprit, capsys):
 def test_sub_commands_are_registered():
     parser = build_parser()
     (sub,) = [a for a in parser._actions if isinstance(a, type(parser._subparsers._actions[-1]))]
-    names = {"data", "train", "eval", "validate", "sample", "inpaint", "bench", "tune"}
+    names = {"data", "train", "eval", "validate", "sample", "inpaint", "bench", "tune", "submit"}
     assert names <= set(sub.choices)
 
 
