@@ -74,7 +74,7 @@ def _train(args: argparse.Namespace) -> int:
         )
     if result["global_rank"] == 0:
         print(
-            f"bihm train: done after {result['epochs']} epochs; best validation log p~* "
+            f"bihm train: done after {result['epochs']} epochs; best {result['monitor']} "
             f"{result['best']} at {result['best_path']}; run folder {result['run_dir']}"
         )
     return 0

@@ -90,7 +90,8 @@ class TrainConfig:
     """Samples h_k ~ q(h | x) per example in the training objective."""
     max_epochs: int = 10_000
     early_stopping_patience: int | None = 10
-    """Epochs without improvement of the validation log p~* before stopping; null = never."""
+    """Epochs without improvement of the validation log p~* (log p for RWS) before
+    stopping; null = never. The best checkpoint is chosen by the same metric."""
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     devices: int = 1
     num_nodes: int = 1

@@ -38,6 +38,7 @@ from pipeline.train import (
     ensure_shards,
     fit,
     make_datamodule,
+    monitor_metric,
     start_run_dir,
 )
 
@@ -98,7 +99,7 @@ def run_ray_training(
     finally:
         if started:
             ray.shutdown()
-    return summarize(result, run_dir)
+    return summarize(result, run_dir, monitor_metric(cfg))
 
 
 def check_options(
@@ -265,7 +266,7 @@ def first_error(err: BaseException) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
-def summarize(result, run_dir: Path) -> dict[str, Any]:
+def summarize(result, run_dir: Path, monitor: str) -> dict[str, Any]:
     """run_training's summary from the last checkpoint reported to Ray."""
     from ray.train.lightning import RayTrainReportCallback
 
@@ -273,6 +274,7 @@ def summarize(result, run_dir: Path) -> dict[str, Any]:
         "run_dir": str(run_dir),
         "best": None,
         "best_path": None,
+        "monitor": monitor,
         "epochs": 0,
         "global_rank": 0,
     }

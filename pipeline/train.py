@@ -48,7 +48,11 @@ from data_shards import BinarizedMNISTDataModule
 from pipeline.config import Config, config_from_dict, save_config
 from pipeline.cpu_threads import CPUThreadGovernor
 
-MONITOR = "val/log_ptilde_star"
+
+def monitor_metric(cfg: Config) -> str:
+    """What checkpoint selection and early stopping watch: the validation estimate of the
+    distribution the objective trains, log p~*(x) for a BiHM and log p(x) for RWS."""
+    return "val/log_p" if cfg.train.objective == "rws" else "val/log_ptilde_star"
 
 
 class TrainingError(UserError, RuntimeError):
@@ -311,7 +315,7 @@ def build_callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
             dirpath=run_dir / "checkpoints",
             filename="best-epoch{epoch:04d}",
             auto_insert_metric_name=False,
-            monitor=MONITOR,
+            monitor=monitor_metric(cfg),
             mode="max",
             save_top_k=1,
             save_last=True,
@@ -323,7 +327,7 @@ def build_callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
     if cfg.train.early_stopping_patience is not None:
         callbacks.append(
             EarlyStopping(
-                monitor=MONITOR,
+                monitor=monitor_metric(cfg),
                 mode="max",
                 patience=cfg.train.early_stopping_patience,
                 check_on_train_epoch_end=False,
@@ -492,7 +496,8 @@ def run_training(
     resume: bool = False,
     extra_callbacks: list[Callback] | tuple = (),
 ) -> dict[str, Any]:
-    """Train `cfg` into its run folder; returns {"run_dir", "best", "best_path", "epochs"}."""
+    """Train `cfg` into its run folder; returns {"run_dir", "best", "best_path", "monitor",
+    "epochs", "global_rank"} ("best" is the best value of the monitored metric)."""
     if run_dir is not None:
         cfg.run_dir = str(run_dir)
     run_dir = cfg.resolved_run_dir()
@@ -514,6 +519,7 @@ def run_training(
         "run_dir": str(run_dir),
         "best": float(best) if best is not None else None,
         "best_path": ckpt_cb.best_model_path if ckpt_cb is not None else None,
+        "monitor": monitor_metric(cfg),
         "epochs": trainer.current_epoch,
         "global_rank": trainer.global_rank,
     }

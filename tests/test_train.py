@@ -67,6 +67,19 @@ def test_train_end_to_end_improves_and_writes_the_run_folder(shards, tmp_path):
         run_training(cfg)
 
 
+def test_rws_runs_select_and_stop_on_validation_log_p(tmp_path):
+    """log p~* is the BiHM's objective; an RWS model is judged by log p(x)."""
+    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+
+    from pipeline.train import build_callbacks
+
+    for objective, metric in (("bihm", "val/log_ptilde_star"), ("rws", "val/log_p")):
+        raw = tiny_config(tmp_path, tmp_path / "run", train={"objective": objective})
+        callbacks = build_callbacks(config_from_dict(raw), tmp_path / "run")
+        watching = [c.monitor for c in callbacks if isinstance(c, ModelCheckpoint | EarlyStopping)]
+        assert watching == [metric, metric], (objective, watching)
+
+
 class PoisonAt(Callback):
     """Sets a weight to NaN before the given global step."""
 
