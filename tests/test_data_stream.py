@@ -249,4 +249,4 @@ def test_lightning_ddp_two_ranks(shards, tmp_path):
         assert len(train[0]) == len(train[1]) == SIZES["train"] // 2
         assert sorted(train[0] + train[1]) == list(range(SIZES["train"]))
         val = [i for r in ranks for i in r["val"].get(str(epoch), [])]
-        assert sorted(val) == list(range(150))
+        assert sorted(val) == spread_indices(SIZES["valid"], 150).tolist()
