@@ -27,8 +27,6 @@ from pipeline.config import (
     config_from_dict,
 )
 
-DEFAULT_KS = "1,10,100,1000,10000"
-
 
 # --------------------------------------------------------------------------- loading
 def load_checkpoint(path: str | Path, overrides: list[str] = ()) -> tuple[BiHMModule, Config]:
