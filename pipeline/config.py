@@ -101,6 +101,12 @@ class TrainConfig:
     and training switches to 1 thread while that is faster (another job on the machine;
     pipeline/cpu_threads.py). Tiny models run fastest with 1 (small products do not
     parallelise); a background run that leaves a core free uses 1."""
+    max_time_s: float | None = None
+    """Stop after the first epoch that ends past this many seconds of training (Lightning's
+    Timer, checked at epoch ends so that the run stops on a finished, validated and
+    checkpointed epoch). For a time-boxed job: a SLURM wall-time limit, a borrowed GPU.
+    null: no limit. The time counts from the start of this fit, resumes included only where
+    the checkpoint was written with a limit set."""
 
 
 @dataclass
@@ -303,6 +309,7 @@ def _check_range(cfg: Config) -> None:
         positive(f"train.{key}", getattr(t, key))
     positive("train.early_stopping_patience", t.early_stopping_patience, allow_none=True)
     positive("train.cpu_threads", t.cpu_threads, allow_none=True)
+    positive("train.max_time_s", t.max_time_s, allow_none=True)
     o = cfg.optim
     positive("optim.lr", o.lr)
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):

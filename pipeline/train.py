@@ -34,6 +34,7 @@ from pytorch_lightning.callbacks import (
     EarlyStopping,
     LearningRateMonitor,
     ModelCheckpoint,
+    Timer,
     TQDMProgressBar,
 )
 from pytorch_lightning.plugins import TorchCheckpointIO
@@ -273,7 +274,12 @@ def save_sample_picture(
 # --------------------------------------------------------------------------- trainer
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints written through bihm.atomic (temporary file, fsync, rename): a kill
-    mid-save leaves the previous last.ckpt intact instead of a truncated one."""
+    mid-save leaves the previous last.ckpt intact instead of a truncated one. Read onto
+    the CPU, so that a run trained on a GPU resumes on a machine without one (Lightning
+    then moves the weights and the optimizer state to the run's device)."""
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        return super().load_checkpoint(path, map_location="cpu", weights_only=weights_only)
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         with atomic_path(path) as tmp:
@@ -334,6 +340,10 @@ def build_callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
                 verbose=True,
             )
         )
+    if cfg.train.max_time_s is not None:
+        # interval="epoch": stop only after an epoch's validation and checkpoint, never
+        # mid-epoch (a partial epoch would put a half-trained row in metrics.csv).
+        callbacks.append(Timer(timedelta(seconds=cfg.train.max_time_s), interval="epoch"))
     if cfg.logging.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     return callbacks

@@ -49,6 +49,8 @@ def test_smoke_config_is_tiny():
         ("train.objective=vae", "train.objective"),
         ("train.K=0", "train.K"),
         ("train.K=2.5", "train.K"),
+        ("train.max_time_s=0", "train.max_time_s"),
+        ("train.max_time_s=soon", "train.max_time_s"),
         ("model.layers=[784]", "model.layers"),
         ("model.layers=[784, -3]", "model.layers[1]"),
         ("data.train_limit=true", "data.train_limit"),

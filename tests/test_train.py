@@ -219,6 +219,22 @@ def test_early_stopping_on_validation_log_ptilde_star(shards, tmp_path):
     assert result["epochs"] == 2
 
 
+def test_time_limit_stops_on_a_finished_validated_epoch(shards, tmp_path):
+    """train.max_time_s is checked at epoch ends: a limit that has passed after the first
+    step still lets epoch 0 finish, validate and checkpoint, then stops (not mid-epoch)."""
+    run_dir = tmp_path / "run"
+    cfg = tiny_config(shards, run_dir, train={"max_epochs": 4, "max_time_s": 1e-3})
+    cfg["validation"]["gibbs"]["every_n_epochs"] = 0
+    cfg["samples"]["every_n_epochs"] = 0
+    result = run_training(config_from_dict(cfg))
+    rows = read_metrics(run_dir)
+    assert [int(r["epoch"]) for r in rows] == [0]
+    assert math.isfinite(float(rows[0]["val/log_ptilde_star"]))
+    assert result["epochs"] == 1
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == STEPS_PER_EPOCH  # the whole epoch, not a part of it
+
+
 POISON_ONE_RANK = textwrap.dedent(
     """
     import math, sys
