@@ -239,6 +239,12 @@ class BiHMModule(_Collectives, pl.LightningModule):
         self._val_sums = ev.Sums(VAL_SUMS, self.device)
 
     def validation_step(self, batch, batch_idx: int) -> None:
+        # Evaluation stays fp32 under train.precision bf16-mixed: Lightning wraps this step
+        # in the training precision's autocast, which would round the estimates' matmuls.
+        with torch.autocast(self.device.type, enabled=False):
+            self._validation_step(batch)
+
+    def _validation_step(self, batch) -> None:
         x, idx = batch[0], batch[1]
         v = self.val_cfg
         est = ev.estimates(self.model, x, idx, int(v["K"]), int(v["seed"]))

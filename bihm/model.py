@@ -199,13 +199,16 @@ class BiHM(nn.Module):
         alone, so they are computed once per example, shape (*, 1, n_1), and shared by the
         K samples: that saves the largest matmul of q (and of its gradient) K - 1 times."""
         x = x.to(self._dtype)
-        logits = self.q_nets[0](x).clamp_(-LOGIT_CLAMP, LOGIT_CLAMP).unsqueeze(-2)
+        # .float(): under bf16 autocast (train.precision bf16-mixed) only the matmul runs in
+        # bf16 (x and h are 0/1, exact in bf16); the logits and everything after are fp32.
+        # In fp32 it is a no-op.
+        logits = self.q_nets[0](x).float().clamp_(-LOGIT_CLAMP, LOGIT_CLAMP).unsqueeze(-2)
         probs = torch.sigmoid(logits)
         h = bernoulli_from_probs(probs, (*x.shape[:-1], K, logits.shape[-1]), generator)
         hs = [x.unsqueeze(-2).expand(*x.shape[:-1], K, x.shape[-1]), h]
         q_logits, q_probs = [logits], [probs]
         for net in self.q_nets[1:]:
-            logits = net(h).clamp_(-LOGIT_CLAMP, LOGIT_CLAMP)
+            logits = net(h).float().clamp_(-LOGIT_CLAMP, LOGIT_CLAMP)
             probs = torch.sigmoid(logits)
             h = bernoulli_from_probs(probs, probs.shape, generator)
             hs.append(h)
@@ -216,7 +219,8 @@ class BiHM(nn.Module):
     def _p_logits(self, hs: Sequence[Tensor]) -> list[Tensor]:
         """Clamped p logits of h_0 .. h_{L-1} given the layer above, then the prior's of h_L."""
         logits = [
-            net(hs[l + 1]).clamp_(-LOGIT_CLAMP, LOGIT_CLAMP) for l, net in enumerate(self.p_nets)
+            net(hs[l + 1]).float().clamp_(-LOGIT_CLAMP, LOGIT_CLAMP)
+            for l, net in enumerate(self.p_nets)
         ]
         return [*logits, self.prior_logits.clamp(-LOGIT_CLAMP, LOGIT_CLAMP)]
 
@@ -359,7 +363,8 @@ class BiHM(nn.Module):
         grads["prior_logits"] = _flat(_logit_grad(hs[-1], p_logits[-1], p_probs[-1], pc)).sum(0)
         for l in range(self.n_latent):
             g = _flat(_logit_grad(hs[l], p_logits[l], p_probs[l], pc))
-            grads[f"p_nets.{l}.weight"] = g.T @ _flat(hs[l + 1])
+            # .float(): under bf16 autocast the product runs in bf16 (g rounded, h exact).
+            grads[f"p_nets.{l}.weight"] = (g.T @ _flat(hs[l + 1])).float()
             grads[f"p_nets.{l}.bias"] = g.sum(0)
         for l in range(self.n_latent):
             g = _logit_grad(hs[l + 1], q_logits[l], q_probs[l], qc)
@@ -367,7 +372,7 @@ class BiHM(nn.Module):
             if l == 0:  # layer 1's logits are shared by the K samples: sum over k first
                 g, h_in = g.sum(-2), h_in[..., 0, :]
             g = _flat(g)
-            grads[f"q_nets.{l}.weight"] = g.T @ _flat(h_in)
+            grads[f"q_nets.{l}.weight"] = (g.T @ _flat(h_in)).float()
             grads[f"q_nets.{l}.bias"] = g.sum(0)
         return [grads[name] for name, _ in self.named_parameters()]
 

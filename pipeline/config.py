@@ -101,6 +101,12 @@ class TrainConfig:
     and training switches to 1 thread while that is faster (another job on the machine;
     pipeline/cpu_threads.py). Tiny models run fastest with 1 (small products do not
     parallelise); a background run that leaves a core free uses 1."""
+    precision: Literal["32-true", "bf16-mixed"] = "32-true"
+    """Lightning's precision for training. bf16-mixed runs the training step's matmuls in
+    bf16 (every x and h is 0 or 1, exact in bf16; the weights round to 8 bits of mantissa)
+    with fp32 master weights, logits, log-probabilities and optimizer. Validation and
+    evaluation stay fp32. Fast only where bf16 matmuls are native (AVX512-BF16/AMX CPUs,
+    GPUs); see the README for the evidence that it trains as well as fp32."""
     max_time_s: float | None = None
     """Stop after the first epoch that ends past this many seconds of training (Lightning's
     Timer, checked at epoch ends so that the run stops on a finished, validated and

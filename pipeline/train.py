@@ -39,7 +39,7 @@ from pytorch_lightning.callbacks import (
 )
 from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.strategies import DDPStrategy
-from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 
 from bihm.atomic import atomic_path, atomic_write_text
 from bihm.errors import UserError
@@ -294,6 +294,12 @@ def resolve_accelerator(name: str) -> str:
     return name
 
 
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN runs bf16 matmuls natively on this CPU (AVX512-BF16 or AMX)."""
+    mkldnn = torch.backends.mkldnn
+    return bool(mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def set_cpu_threads(cfg: Config, accelerator: str, devices: int) -> int:
     """torch threads per process: train.cpu_threads, else the cores shared by the processes
     (training then adapts between this and 1, see pipeline/cpu_threads.py). Returns it."""
@@ -456,11 +462,17 @@ def build_trainer(
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
         if hasattr(logger, "log_image"):
             callbacks.append(WandbMedia(run_dir, cfg))
+    if cfg.train.precision == "bf16-mixed" and accelerator == "cpu" and not cpu_has_bf16():
+        rank_zero_warn(
+            "train.precision bf16-mixed: this CPU has no native bf16 matmuls (AVX512-BF16 "
+            "or AMX); they are emulated and run many times slower than fp32"
+        )
     return pl.Trainer(
         accelerator=accelerator,
         devices=devices,
         num_nodes=num_nodes,
         strategy=strategy,
+        precision=cfg.train.precision,
         max_epochs=max_epochs or cfg.train.max_epochs,
         callbacks=callbacks,
         logger=logger,

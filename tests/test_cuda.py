@@ -20,12 +20,12 @@ from tests.conftest import STEPS_PER_EPOCH, make_shards, read_metrics, tiny_conf
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def _model(seed: int = 0) -> BiHM:
-    torch.manual_seed(seed)
+def _model(scale: float = 0.5) -> BiHM:
+    torch.manual_seed(0)
     model = BiHM([784, 12, 6])
     with torch.no_grad():
         for p in model.parameters():
-            p.normal_(0, 0.5)
+            p.normal_(0, scale)
     return model
 
 
@@ -44,8 +44,10 @@ def test_log_p_and_log_q_on_cuda_equal_the_cpu_on_the_same_samples():
 def test_cuda_estimates_do_not_depend_on_batch_size_and_agree_with_the_cpu():
     """RowStreams on the GPU: an example's estimate is the same for any batching. The GPU's
     random numbers are not the CPU's, so the two devices agree only within Monte Carlo
-    error: with K = 1000 the mean log p over 40 examples differs by well under 0.3 nats."""
-    model = _model().cuda()
+    error. For this model (small weights: q is close enough to p(h | x) that the ESS is ~14
+    of K = 1000) two CPU runs with other seeds differ in mean log p over the 40 examples
+    with a standard error of 0.14 nats; 0.7 nats is 5 of them."""
+    model = _model(scale=0.1).cuda()
     x = (torch.rand(40, 784, generator=torch.Generator().manual_seed(1)) < 0.3).float()
     idx = torch.arange(40)
     whole = ev.estimates(model, x.cuda(), idx, 1000, seed=5)
@@ -56,7 +58,7 @@ def test_cuda_estimates_do_not_depend_on_batch_size_and_agree_with_the_cpu():
     ]
     torch.testing.assert_close(torch.cat([p.log_p for p in parts]), whole.log_p, rtol=1e-6, atol=0)
     cpu = ev.estimates(model.cpu(), x, idx, 1000, seed=5)
-    assert abs(float(cpu.log_p.mean()) - float(whole.log_p.mean().cpu())) < 0.3
+    assert abs(float(cpu.log_p.mean()) - float(whole.log_p.mean().cpu())) < 0.7
 
 
 def test_train_on_gpu_then_resume_and_evaluate_on_cpu(tmp_path):
