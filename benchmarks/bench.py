@@ -136,6 +136,40 @@ def bench_train(x: torch.Tensor, K: int, steps: int) -> float:
     return statistics.median(timer.times[2:])  # the first steps warm up
 
 
+def autograd_loss(model: BiHM, x: torch.Tensor, K: int) -> torch.Tensor:
+    """The straightforward implementation of the BiHM step (Algorithm 1) that the manual
+    gradients of BiHM.loss replace: samples without a graph, then autograd through
+    log p(x, h) and log q(h | x) with w~ = softmax(d / 2) held constant."""
+    hs = model.sample_q(x, K)
+    log_p, log_q = model.log_p(hs), model.log_q(hs)
+    w = torch.softmax((log_p - log_q).detach() / 2, -1)
+    return -((w * log_p).sum(-1) + ((w - 1 / K) * log_q).sum(-1)).mean()
+
+
+def bench_manual_vs_autograd(x: torch.Tensor, K: int, min_time: float) -> dict:
+    """Seconds per step (loss, backward, Adam) of BiHM.loss's manual layer-local gradients
+    and of `autograd_loss`, side by side on the same model, batch and thread count."""
+    model = BiHM(PAPER_SIZES).to(x.device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step(loss_fn: Callable[[], torch.Tensor]) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        opt.step()
+
+    # Alternating rounds, medians of each: a change of load on a shared machine hits both.
+    times: dict[str, list[float]] = {"manual": [], "autograd": []}
+    for _ in range(3):
+        times["manual"].append(
+            timed(lambda: step(lambda: model.loss(x, K).loss), x.device, min_time / 3)
+        )
+        times["autograd"].append(
+            timed(lambda: step(lambda: autograd_loss(model, x, K)), x.device, min_time / 3)
+        )
+    manual, auto = (statistics.median(times[k]) for k in ("manual", "autograd"))
+    return {"K": K, "manual_s": manual, "autograd_s": auto, "speedup": auto / manual}
+
+
 def workload(
     seconds_per_call: float, samples_per_call: int, flops_per_sample: float, matmul: float
 ) -> dict:
@@ -182,6 +216,8 @@ def run(
         result[f"train_k{K}"] = measure(
             f"train K={K}", lambda K=K, steps=steps: bench_train(x, K, steps), B * K, 8 * s
         )
+    say("training step: manual gradients against autograd ...")
+    result["manual_vs_autograd"] = bench_manual_vs_autograd(x, 10, min_time)
     K_eval = 1000
     result["log_likelihood"] = measure(
         f"log_likelihood K={K_eval}",
@@ -338,6 +374,11 @@ def format_table(result: dict) -> str:
             f"{key:<16}{w['samples_per_s']:>12.0f}{w['gflops']:>10.1f}"
             f"{w['matmul_gflops']:>10.1f}{w['ratio']:>8.2f}"
         )
+    m = result["manual_vs_autograd"]
+    lines.append(
+        f"training step at K={m['K']}: manual gradients {1e3 * m['manual_s']:.1f} ms, "
+        f"autograd {1e3 * m['autograd_s']:.1f} ms: {m['speedup']:.2f}x"
+    )
     lines.append(f"gibbs: {result['gibbs']['proposals_per_s']:.0f} proposals/s")
     if "epoch_paper" in result:
         e = result["epoch_paper"]
