@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cluster.submit import register as register_submit
 
     register_submit(subparsers)
+    from pipeline.compare import register as register_compare
+
+    register_compare(subparsers)
     return parser
 
 
