@@ -4,9 +4,10 @@ One module: the two sigmoid belief nets p and q, their samplers and log-probabil
 the training objectives (BiHM and the RWS baseline), the likelihood estimators, and
 block Gibbs sampling from p*. Symbols follow `bihm-math.md`:
 
-    layers   h_0 = x, h_1, ..., h_L                                  (binary)
+    layers   h_0 = x, h_1, ..., h_L      (binary by default; any layer may be Gaussian)
     p        p(h_L) = Bern(sigmoid(b)),  p(h_l | h_{l+1}) = Bern(sigmoid(W^p_l h_{l+1} + c^p_l))
     q        q(h_{l+1} | h_l) = Bern(sigmoid(W^q_l h_l + c^q_l))
+             (a Gaussian layer: N(b, sigma^2), N(W h + c, sigma^2), see bihm/families.py)
     p*       p*(x, h) = sqrt(p(x, h) q(x) q(h | x)) / Z,  with q(x) = p*(x)       (paper Eq. 1-3)
              p*(x) = p~*(x) / Z^2,   p~*(x) = (sum_h sqrt(p(x, h) q(h | x)))^2       (Eq. 4-5)
     d_k      log p(x, h_k) - log q(h_k | x),   h_k ~ q(h | x), k = 1..K
@@ -30,11 +31,13 @@ from torch import Tensor, nn
 
 from bihm.atomic import atomic_path
 from bihm.errors import CheckpointError, torch_load_error
+from bihm.families import (
+    LOG_STD_MAX,
+    LOG_STD_MIN,
+    LOGIT_CLAMP,
+    get_family,
+)
 from bihm.rng import Generator, RowStreams, uniform
-
-# The authors clip sigmoid outputs to [1e-6, 1 - 1e-6]; clamping the logits is the same
-# thing in log space and keeps log-probabilities finite.
-LOGIT_CLAMP = math.log((1.0 - 1e-6) / 1e-6)
 
 CHECKPOINT_FORMAT = "bihm.BiHM"
 CHECKPOINT_VERSION = 1
@@ -48,22 +51,6 @@ def log_bernoulli(h: Tensor, logits: Tensor) -> Tensor:
     """sum_i log Bern(h_i; sigmoid(a_i)) = sum_i [h_i a_i - softplus(a_i)], a clamped."""
     a = logits.clamp(-LOGIT_CLAMP, LOGIT_CLAMP)
     return (h * a - F.softplus(a)).sum(-1)
-
-
-def sample_bernoulli(logits: Tensor, generator: Generator = None) -> Tensor:
-    """h ~ Bern(sigmoid(a)), as float 0/1, with the same clamp as `log_bernoulli`."""
-    probs = torch.sigmoid(logits.detach().clamp(-LOGIT_CLAMP, LOGIT_CLAMP))
-    return bernoulli_from_probs(probs, probs.shape, generator)
-
-
-def bernoulli_from_probs(
-    probs: Tensor, shape: Sequence[int], generator: Generator = None
-) -> Tensor:
-    """h ~ Bern(probs) of the given shape (probs broadcast to it), as float 0/1.
-
-    With a `RowStreams` generator, row i (the first dimension) draws from stream i."""
-    u = uniform(shape, generator, probs.device, probs.dtype)
-    return (u < probs).to(probs.dtype)
 
 
 def log_mean_exp(log_w: Tensor, dim: int = -1) -> Tensor:
@@ -122,11 +109,22 @@ class ESS:
 class BiHM(nn.Module):
     """A Bidirectional Helmholtz Machine with layer sizes [n_0 = |x|, n_1, ..., n_L].
 
-    p is a top-down sigmoid belief net with a learned top prior bias b; q is bottom-up.
-    ``p_nets[l]`` maps h_{l+1} -> logits of h_l; ``q_nets[l]`` maps h_l -> logits of h_{l+1}.
+    p is a top-down belief net with a learned top prior b; q is bottom-up.
+    ``p_nets[l]`` maps h_{l+1} -> pre-activation of h_l; ``q_nets[l]`` maps h_l -> that of
+    h_{l+1}. ``families[l]`` is layer l's family, "bernoulli" (default) or "gaussian"
+    (bihm/families.py). A Gaussian layer l has a per-unit log sigma in each conditional
+    that generates it: ``p_log_std_{l}`` (for l = L, the prior's) and ``q_log_std_{l}``
+    (l >= 1), learned parameters or, with ``learn_std=False``, fixed buffers; both start
+    at log(gaussian_std). For a Gaussian top layer, ``prior_logits`` holds the prior mean.
     """
 
-    def __init__(self, layer_sizes: Sequence[int]) -> None:
+    def __init__(
+        self,
+        layer_sizes: Sequence[int],
+        families: Sequence[str] | None = None,
+        gaussian_std: float = 1.0,
+        learn_std: bool = True,
+    ) -> None:
         super().__init__()
         sizes = [int(n) for n in layer_sizes]
         if len(sizes) < 2:
@@ -136,10 +134,29 @@ class BiHM(nn.Module):
             )
         if any(n < 1 for n in sizes):
             raise ValueError(f"layer_sizes must be positive integers, got {sizes!r}")
+        names = ["bernoulli"] * len(sizes) if families is None else [str(f) for f in families]
+        if len(names) != len(sizes):
+            raise ValueError(
+                f"families must name one family per layer ({len(sizes)}), got {list(names)!r}"
+            )
+        if not (isinstance(gaussian_std, int | float) and 0 < gaussian_std < math.inf):
+            raise ValueError(f"gaussian_std must be a positive number, got {gaussian_std!r}")
         self.layer_sizes: list[int] = sizes
+        self.families: list[str] = names
+        self._fams = [get_family(name) for name in names]
+        self.gaussian_std, self.learn_std = float(gaussian_std), bool(learn_std)
         self.prior_logits = nn.Parameter(torch.empty(sizes[-1]))  # b: p(h_L)
         self.p_nets = nn.ModuleList(nn.Linear(sizes[l + 1], sizes[l]) for l in range(self.n_latent))
         self.q_nets = nn.ModuleList(nn.Linear(sizes[l], sizes[l + 1]) for l in range(self.n_latent))
+        for l, fam in enumerate(self._fams):
+            if fam.has_std:
+                sides = ("p", "q") if l > 0 else ("p",)  # q(x) is not modelled
+                for side in sides:
+                    value = torch.empty(sizes[l])
+                    if self.learn_std:
+                        self.register_parameter(f"{side}_log_std_{l}", nn.Parameter(value))
+                    else:
+                        self.register_buffer(f"{side}_log_std_{l}", value)
         self.reset_parameters()
 
     @property
@@ -159,6 +176,28 @@ class BiHM(nn.Module):
             bound = math.sqrt(6.0) / math.sqrt(n_in + n_out) / n_in
             nn.init.uniform_(net.weight, -bound, bound)
             nn.init.constant_(net.bias, -1.0)
+        # A Gaussian layer's means start at 0 (-1 is a Bernoulli "mostly off"), its log
+        # sigmas at log(gaussian_std).
+        for l, fam in enumerate(self._fams):
+            if not fam.has_std:
+                continue
+            nn.init.zeros_(self.prior_logits if l == self.n_latent else self.p_nets[l].bias)
+            if l > 0:
+                nn.init.zeros_(self.q_nets[l - 1].bias)
+            for side in ("p", "q"):
+                if hasattr(self, f"{side}_log_std_{l}"):
+                    with torch.no_grad():
+                        getattr(self, f"{side}_log_std_{l}").fill_(math.log(self.gaussian_std))
+
+    def _log_stds(self, side: str) -> list[Tensor | None]:
+        """Clamped log sigma of every layer's `side` ("p" or "q") conditional; None for a
+        Bernoulli layer (and for q's layer 0, which q does not model)."""
+        return [
+            getattr(self, f"{side}_log_std_{l}").clamp(LOG_STD_MIN, LOG_STD_MAX)
+            if fam.has_std and (side == "p" or l > 0)
+            else None
+            for l, fam in enumerate(self._fams)
+        ]
 
     # ------------------------------------------------------------------ checks
     def _check_x(self, x: Tensor, name: str = "x") -> None:
@@ -167,7 +206,10 @@ class BiHM(nn.Module):
                 f"{name} must have last dimension {self.layer_sizes[0]} (the visible layer), "
                 f"got shape {tuple(x.shape)}"
             )
-        if not bool(((x == 0) | (x == 1)).all()):
+        if self._fams[0].has_std:
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(f"{name} must be finite (the visible layer is Gaussian)")
+        elif not bool(((x == 0) | (x == 1)).all()):
             raise ValueError(f"{name} must be binary (every value 0 or 1)")
 
     @staticmethod
@@ -193,32 +235,34 @@ class BiHM(nn.Module):
     # ------------------------------------------------------------------ sampling
     def _q_pass(
         self, x: Tensor, K: int, generator: Generator = None
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """h_k ~ q(h | x) bottom-up: returns hs ([x, h_1, .., h_L], each (*, K, n_l)) and the
-        clamped q logits of h_1 .. h_L and their sigmoids. Layer 1's logits depend on x
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor | None]]:
+        """h_k ~ q(h | x) bottom-up: returns hs ([x, h_1, .., h_L], each (*, K, n_l)), the
+        q pre-activations a of h_1 .. h_L (clamped logits, or Gaussian means) and their
+        family's stats (sigmoid(a) for Bernoulli, None for Gaussian). Layer 1's depend on x
         alone, so they are computed once per example, shape (*, 1, n_1), and shared by the
         K samples: that saves the largest matmul of q (and of its gradient) K - 1 times."""
         x = x.to(self._dtype)
-        logits = self.q_nets[0](x).clamp_(-LOGIT_CLAMP, LOGIT_CLAMP).unsqueeze(-2)
-        probs = torch.sigmoid(logits)
-        h = bernoulli_from_probs(probs, (*x.shape[:-1], K, logits.shape[-1]), generator)
+        fams, log_stds = self._fams, self._log_stds("q")
+        a = fams[1].finish(self.q_nets[0](x), inplace=True).unsqueeze(-2)
+        stats = fams[1].stats(a)
+        h = fams[1].sample(a, log_stds[1], (*x.shape[:-1], K, a.shape[-1]), generator, stats)
         hs = [x.unsqueeze(-2).expand(*x.shape[:-1], K, x.shape[-1]), h]
-        q_logits, q_probs = [logits], [probs]
-        for net in self.q_nets[1:]:
-            logits = net(h).clamp_(-LOGIT_CLAMP, LOGIT_CLAMP)
-            probs = torch.sigmoid(logits)
-            h = bernoulli_from_probs(probs, probs.shape, generator)
+        q_a, q_stats = [a], [stats]
+        for l, net in enumerate(self.q_nets[1:], start=2):
+            a = fams[l].finish(net(h), inplace=True)
+            stats = fams[l].stats(a)
+            h = fams[l].sample(a, log_stds[l], a.shape, generator, stats)
             hs.append(h)
-            q_logits.append(logits)
-            q_probs.append(probs)
-        return hs, q_logits, q_probs
+            q_a.append(a)
+            q_stats.append(stats)
+        return hs, q_a, q_stats
 
     def _p_logits(self, hs: Sequence[Tensor]) -> list[Tensor]:
-        """Clamped p logits of h_0 .. h_{L-1} given the layer above, then the prior's of h_L."""
-        logits = [
-            net(hs[l + 1]).clamp_(-LOGIT_CLAMP, LOGIT_CLAMP) for l, net in enumerate(self.p_nets)
-        ]
-        return [*logits, self.prior_logits.clamp(-LOGIT_CLAMP, LOGIT_CLAMP)]
+        """p pre-activations (clamped logits, or Gaussian means) of h_0 .. h_{L-1} given the
+        layer above, then the prior's of h_L."""
+        fams = self._fams
+        a = [fams[l].finish(net(hs[l + 1]), inplace=True) for l, net in enumerate(self.p_nets)]
+        return [*a, fams[-1].finish(self.prior_logits)]
 
     def sample_q(self, x: Tensor, K: int, generator: Generator = None) -> list[Tensor]:
         """[h_0 = x, h_1, ..., h_L] with h ~ q(h | x); x (*, n_0) -> each (*, K, n_l)."""
@@ -229,13 +273,14 @@ class BiHM(nn.Module):
 
     def _sample_p(self, n: int, generator: Generator = None) -> tuple[list[Tensor], Tensor]:
         """(x, h) ~ p(x, h), top-down, and log p(x, h), reusing the sampling logits."""
-        logits = self.prior_logits.expand(n, -1)
-        h = sample_bernoulli(logits, generator)
-        hs, log_p = [h], log_bernoulli(h, logits)
-        for net in reversed(self.p_nets):
-            logits = net(h)
-            h = sample_bernoulli(logits, generator)
-            log_p = log_p + log_bernoulli(h, logits)
+        fams, log_stds, L = self._fams, self._log_stds("p"), self.n_latent
+        a = fams[L].finish(self.prior_logits).expand(n, -1)
+        h = fams[L].sample(a, log_stds[L], a.shape, generator)
+        hs, log_p = [h], fams[L].log_prob(h, a, log_stds[L])
+        for l in range(L - 1, -1, -1):
+            a = fams[l].finish(self.p_nets[l](h), inplace=True)
+            h = fams[l].sample(a, log_stds[l], a.shape, generator)
+            log_p = log_p + fams[l].log_prob(h, a, log_stds[l])
             hs.append(h)
         return hs[::-1], log_p
 
@@ -249,24 +294,35 @@ class BiHM(nn.Module):
     def log_p(self, hs: Sequence[Tensor]) -> Tensor:
         """log p(x, h) = log p(h_L) + sum_{l=0}^{L-1} log p(h_l | h_{l+1})."""
         self._check_hs(hs)
-        log_p = log_bernoulli(hs[-1], self.prior_logits)
+        fams, log_stds = self._fams, self._log_stds("p")
+        log_p = fams[-1].log_prob(hs[-1], fams[-1].finish(self.prior_logits), log_stds[-1])
         for l, net in enumerate(self.p_nets):
-            log_p = log_p + log_bernoulli(hs[l], net(hs[l + 1]))
+            log_p = log_p + fams[l].log_prob(hs[l], fams[l].finish(net(hs[l + 1])), log_stds[l])
         return log_p
 
     def log_q(self, hs: Sequence[Tensor]) -> Tensor:
         """log q(h | x) = sum_{l=0}^{L-1} log q(h_{l+1} | h_l); q(x) is not modelled."""
         self._check_hs(hs)
+        fams, log_stds = self._fams, self._log_stds("q")
         log_q = torch.zeros(hs[0].shape[:-1], device=hs[0].device, dtype=hs[0].dtype)
-        for l, net in enumerate(self.q_nets):
-            log_q = log_q + log_bernoulli(hs[l + 1], net(hs[l]))
+        for l, net in enumerate(self.q_nets, start=1):
+            log_q = log_q + fams[l].log_prob(hs[l], fams[l].finish(net(hs[l - 1])), log_stds[l])
         return log_q
 
     def _log_weights(self, x: Tensor, K: int, generator: Generator = None) -> Tensor:
         """d_k = log p(x, h_k) - log q(h_k | x) for h_k ~ q(h | x); shape (*, K)."""
         hs, q_logits, _ = self._q_pass(x, K, generator)
-        log_p, log_q = _log_p_and_log_q(hs, self._p_logits(hs), q_logits)
+        log_p, log_q = self._log_p_and_log_q(hs, self._p_logits(hs), q_logits)
         return log_p - log_q
+
+    def _log_p_and_log_q(
+        self, hs: Sequence[Tensor], p_a: Sequence[Tensor], q_a: Sequence[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """log p(x, h) and log q(h | x) from every layer's finished pre-activations."""
+        fams, p_s, q_s = self._fams, self._log_stds("p"), self._log_stds("q")
+        log_p = sum(fams[l].log_prob(hs[l], p_a[l], p_s[l]) for l in range(len(hs)))
+        log_q = sum(fams[l].log_prob(hs[l], q_a[l - 1], q_s[l]) for l in range(1, len(hs)))
+        return log_p, log_q
 
     # ------------------------------------------------------------------ training objective
     def loss(
@@ -320,7 +376,7 @@ class BiHM(nn.Module):
         log w and (if wanted) the parameter gradients of -surrogate."""
         hs, q_logits, q_probs = self._q_pass(x, K, generator)
         p_logits = self._p_logits(hs)
-        log_p, log_q = _log_p_and_log_q(hs, p_logits, q_logits)
+        log_p, log_q = self._log_p_and_log_q(hs, p_logits, q_logits)
         d = log_p - log_q
         log_w = d / 2 if bihm else d
         w_tilde = torch.softmax(log_w, dim=-1)
@@ -345,30 +401,48 @@ class BiHM(nn.Module):
         """Gradients of the loss -(1/B) sum [p_coef log p(x, h) + q_coef log q(h | x)].
 
         Every layer is observed, so each conditional's gradient is local: for a layer with
-        samples h, logits a = W h_in + c and coefficient c_k per sample,
-            d/da  = c_k (h - sigmoid(a))   (0 where the clamp is active, as for the
-                                            authors' clipped sigmoid)
+        samples h, pre-activation a = W h_in + c and coefficient c_k per sample,
+            d/da  = c_k (h - sigmoid(a))     Bernoulli (0 where the clamp is active, as
+                                             for the authors' clipped sigmoid)
+                  = c_k (h - a) / sigma^2    Gaussian, and for its log sigma
+            d/dlog sigma = sum_samples c_k ((h - a)^2 / sigma^2 - 1)   (0 where clamped)
             d/dW  = sum_samples (d/da) h_in^T,   d/dc = sum_samples d/da.
         One matmul per weight, no backward through activations, no autograd graph.
         """
         scale = -1.0 / n_examples
         pc, qc = (p_coef * scale).unsqueeze(-1), (q_coef * scale).unsqueeze(-1)
+        fams, L = self._fams, self.n_latent
+        p_s, q_s = self._log_stds("p"), self._log_stds("q")
         grads: dict[str, Tensor] = {}
-        # Prior p(h_L): its logits are the bias b itself.
-        p_probs = [torch.sigmoid(a) for a in p_logits]
-        grads["prior_logits"] = _flat(_logit_grad(hs[-1], p_logits[-1], p_probs[-1], pc)).sum(0)
-        for l in range(self.n_latent):
-            g = _flat(_logit_grad(hs[l], p_logits[l], p_probs[l], pc))
+
+        def log_std_grad(name: str, g_elem: Tensor) -> None:
+            raw = getattr(self, name)
+            if isinstance(raw, nn.Parameter):
+                g = _flat(g_elem).sum(0)
+                grads[name] = torch.ops.aten.hardtanh_backward(g, raw, LOG_STD_MIN, LOG_STD_MAX)
+
+        # Prior p(h_L): its pre-activation is the bias b itself.
+        g, g_s = fams[L].grad(hs[L], p_logits[L], p_s[L], pc)
+        grads["prior_logits"] = _flat(g).sum(0)
+        if g_s is not None:
+            log_std_grad(f"p_log_std_{L}", g_s)
+        for l in range(L):
+            g, g_s = fams[l].grad(hs[l], p_logits[l], p_s[l], pc)
+            g = _flat(g)
             grads[f"p_nets.{l}.weight"] = g.T @ _flat(hs[l + 1])
             grads[f"p_nets.{l}.bias"] = g.sum(0)
-        for l in range(self.n_latent):
-            g = _logit_grad(hs[l + 1], q_logits[l], q_probs[l], qc)
+            if g_s is not None:
+                log_std_grad(f"p_log_std_{l}", g_s)
+        for l in range(L):
+            g, g_s = fams[l + 1].grad(hs[l + 1], q_logits[l], q_s[l + 1], qc, q_probs[l])
             h_in = hs[l]
             if l == 0:  # layer 1's logits are shared by the K samples: sum over k first
                 g, h_in = g.sum(-2), h_in[..., 0, :]
             g = _flat(g)
             grads[f"q_nets.{l}.weight"] = g.T @ _flat(h_in)
             grads[f"q_nets.{l}.bias"] = g.sum(0)
+            if g_s is not None:
+                log_std_grad(f"q_log_std_{l + 1}", g_s)
         return [grads[name] for name, _ in self.named_parameters()]
 
     # ------------------------------------------------------------------ estimators
@@ -496,25 +570,35 @@ class BiHM(nn.Module):
         p(h_l | h_{l+1}), S from q(h_l | h_{l-1}), and the current h_l; weight
         t(h) / (p(h | .) + q(h | .)). Keeping the current state among the candidates
         (iterated SIR) makes the kernel leave p* invariant for any S.
+        For a Gaussian layer the same holds with densities: the proposal density is the
+        mixture (p + q) / 2 and the current state is again one of the candidates.
         """
         C, top = hs[0].shape[0], l == self.n_latent
-        p_logits = self.prior_logits.expand(C, -1) if top else self.p_nets[l](hs[l + 1])
-        q_logits = self.q_nets[l - 1](hs[l - 1])
+        fams, p_s, q_s = self._fams, self._log_stds("p"), self._log_stds("q")
+        fam = fams[l]
+        p_pre = self.prior_logits.expand(C, -1) if top else self.p_nets[l](hs[l + 1])
+        p_a = fam.finish(p_pre).unsqueeze(1)
+        q_a = fam.finish(self.q_nets[l - 1](hs[l - 1])).unsqueeze(1)
+        shape = (C, S, self.layer_sizes[l])
         proposals = torch.cat(
             [
-                sample_bernoulli(p_logits.unsqueeze(1).expand(C, S, -1), generator),
-                sample_bernoulli(q_logits.unsqueeze(1).expand(C, S, -1), generator),
+                fam.sample(p_a, p_s[l], shape, generator),
+                fam.sample(q_a, q_s[l], shape, generator),
                 hs[l].unsqueeze(1),
             ],
             dim=1,
         )  # (C, 2S + 1, n_l)
-        log_p_l = log_bernoulli(proposals, p_logits.unsqueeze(1))
-        log_q_l = log_bernoulli(proposals, q_logits.unsqueeze(1))
+        log_p_l = fam.log_prob(proposals, p_a, p_s[l])
+        log_q_l = fam.log_prob(proposals, q_a, q_s[l])
         log_t = log_p_l + log_q_l
         # p(h_{l-1} | h_l)
-        log_t = log_t + log_bernoulli(hs[l - 1].unsqueeze(1), self.p_nets[l - 1](proposals))
+        below = fams[l - 1]
+        a = below.finish(self.p_nets[l - 1](proposals), inplace=True)
+        log_t = log_t + below.log_prob(hs[l - 1].unsqueeze(1), a, p_s[l - 1])
         if not top:  # q(h_{l+1} | h_l)
-            log_t = log_t + log_bernoulli(hs[l + 1].unsqueeze(1), self.q_nets[l](proposals))
+            above = fams[l + 1]
+            a = above.finish(self.q_nets[l](proposals), inplace=True)
+            log_t = log_t + above.log_prob(hs[l + 1].unsqueeze(1), a, q_s[l + 1])
         log_weight = 0.5 * log_t - torch.logaddexp(log_p_l, log_q_l)
         return _pick(proposals, log_weight, generator)
 
@@ -535,15 +619,18 @@ class BiHM(nn.Module):
         mask (1 = observed), only the free pixels are proposed: the weight's p term is
         then p(x_free | h_1), as p(x_observed | h_1) is the same for every candidate.
         """
-        C = hs[0].shape[0]
-        p_logits = self.p_nets[0](hs[1]).unsqueeze(1)  # (C, 1, n_0)
-        proposals = sample_bernoulli(p_logits.expand(C, S, -1), generator)
+        C, fam = hs[0].shape[0], self._fams[0]
+        log_std = self._log_stds("p")[0]
+        p_logits = fam.finish(self.p_nets[0](hs[1])).unsqueeze(1)  # (C, 1, n_0)
+        proposals = fam.sample(p_logits, log_std, (C, S, self.layer_sizes[0]), generator)
         proposals = torch.cat([proposals, hs[0].unsqueeze(1)], dim=1)  # (C, S + 1, n_0)
         free = torch.ones_like(proposals[:1, :1]) if mask is None else 1 - mask.unsqueeze(1)
         if x_observed is not None:
             proposals = free * proposals + (1 - free) * x_observed.unsqueeze(1)
-        log_p_free = log_bernoulli(proposals * free, p_logits * free)  # masked terms are 0
-        log_q_h1 = log_bernoulli(hs[1].unsqueeze(1), self.q_nets[0](proposals))
+        log_p_free = fam.log_prob_masked(proposals, p_logits, log_std, free)
+        fam1 = self._fams[1]
+        a = fam1.finish(self.q_nets[0](proposals), inplace=True)
+        log_q_h1 = fam1.log_prob(hs[1].unsqueeze(1), a, self._log_stds("q")[1])
         d = self._log_weights(proposals, inner, generator)
         log_ptilde_star = 2 * log_mean_exp(d / 2)
         log_weight = 0.5 * (log_ptilde_star + log_q_h1 - log_p_free)
@@ -615,7 +702,9 @@ class BiHM(nn.Module):
         self._check_mask(x, mask)
         mask = mask.to(self._dtype)
         h1 = self._q_pass(x * mask, 1, generator)[0][1].squeeze(-2)
-        x_free = sample_bernoulli(self.p_nets[0](h1), generator)
+        fam = self._fams[0]
+        a = fam.finish(self.p_nets[0](h1), inplace=True)
+        x_free = fam.sample(a, self._log_stds("p")[0], a.shape, generator)
         return mask * x + (1 - mask) * x_free
 
     @torch.no_grad()
@@ -645,13 +734,18 @@ class BiHM(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | os.PathLike) -> None:
-        """Write {"format", "version", "layer_sizes", "state_dict"} with torch.save, atomically
-        (bihm.atomic: a temporary file, fsync, rename; readable as the umask allows)."""
+        """Write {"format", "version", "layer_sizes", "families", "gaussian_std", "learn_std",
+        "state_dict"} with torch.save, atomically (bihm.atomic: a temporary file, fsync,
+        rename; readable as the umask allows). Files without the family keys (written
+        before families existed) load as all-Bernoulli models."""
         path = Path(path)
         payload = {
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
             "layer_sizes": list(self.layer_sizes),
+            "families": list(self.families),
+            "gaussian_std": self.gaussian_std,
+            "learn_std": self.learn_std,
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
         }
         with atomic_path(path) as tmp:
@@ -684,32 +778,17 @@ class BiHM(nn.Module):
         for key in ("layer_sizes", "state_dict"):
             if key not in payload:
                 raise CheckpointError(f"{source}: checkpoint is missing the key {key!r}")
-        model = cls(payload["layer_sizes"])
+        try:
+            model = cls(
+                payload["layer_sizes"],
+                families=payload.get("families"),
+                gaussian_std=payload.get("gaussian_std", 1.0),
+                learn_std=payload.get("learn_std", True),
+            )
+        except ValueError as err:
+            raise CheckpointError(f"{source}: bad model description ({err})") from None
         model.load_state_dict(payload["state_dict"])
         return model
-
-
-def _log_bernoulli_clamped(h: Tensor, a: Tensor) -> Tensor:
-    """log_bernoulli for logits that are already clamped: sum_i h_i a_i - softplus(a_i)."""
-    return (h * a).sum(-1) - F.softplus(a).sum(-1)
-
-
-def _sum_log_bernoulli(hs: Sequence[Tensor], logits: Sequence[Tensor]) -> Tensor:
-    return sum(_log_bernoulli_clamped(h, a) for h, a in zip(hs, logits, strict=True))
-
-
-def _log_p_and_log_q(
-    hs: Sequence[Tensor], p_logits: Sequence[Tensor], q_logits: Sequence[Tensor]
-) -> tuple[Tensor, Tensor]:
-    """log p(x, h) and log q(h | x) from the clamped logits of every layer."""
-    return _sum_log_bernoulli(hs, p_logits), _sum_log_bernoulli(hs[1:], q_logits)
-
-
-def _logit_grad(h: Tensor, a: Tensor, probs: Tensor, coef: Tensor) -> Tensor:
-    """coef * (h - sigmoid(a)), zero where a sits at the clamp (as autograd through the
-    clamp would give). hardtanh_backward is exactly that mask, fused: 3x faster than where."""
-    grad = (h - probs).mul_(coef)
-    return torch.ops.aten.hardtanh_backward(grad, a, -LOGIT_CLAMP, LOGIT_CLAMP)
 
 
 def _flat(t: Tensor) -> Tensor:
