@@ -40,6 +40,17 @@ VAL_SUMS = [n for name in VAL_ESTIMATES for n in ev.moment_names(name)] + [
 ]
 
 
+def model_from_config(model_cfg: dict[str, Any]) -> BiHM:
+    """The BiHM of a config's model section (keys added later default to the paper's model,
+    so the configs inside older checkpoints still load)."""
+    return BiHM(
+        model_cfg["layers"],
+        families=model_cfg.get("families"),
+        gaussian_std=model_cfg.get("gaussian_std", 1.0),
+        learn_std=model_cfg.get("learn_std", True),
+    )
+
+
 class NonFiniteLossError(UserError, RuntimeError):
     """Training produced a non-finite loss or gradient; the optimiser step was not taken.
     A user error: the message names the step and what to change (usually optim.lr)."""
@@ -99,7 +110,7 @@ class BiHMModule(_Collectives, pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.config = config
-        self.model = BiHM(config["model"]["layers"])
+        self.model = model_from_config(config["model"])
         self.seed = int(config.get("seed", 0))
         self.train_cfg = config["train"]
         self.optim_cfg = config["optim"]
@@ -287,6 +298,7 @@ class BiHMModule(_Collectives, pl.LightningModule):
             "val/two_log_z_sem": z_sem,
             "val/log_pstar": lpt - two_log_z,
             "val/log_pstar_sem": ev.log_pstar_sem(lpt_sem, z_sem),
+            **ev.bits_per_dim(self.model, lp, "val/"),
             "val/ess_pstar": ev.moments_mean_and_sem(sums, "ess_pstar")[0],
             "val/ess_p": ev.moments_mean_and_sem(sums, "ess_p")[0],
         }
@@ -375,5 +387,11 @@ class EvalModule(_Collectives, pl.LightningModule):
             for K in self.Ks
         }
         result["two_log_z"] = {"value": two_log_z, "sem": z_sem, "n": self.z_samples}
+        if self.model.families[0] == "gaussian":
+            result["bits_per_dim"] = {
+                name: {K: ev.bits_per_dim(self.model, e["mean"])["bpd"] for K, e in col.items()}
+                for name, col in result.items()
+                if name in ("log_p", "log_ptilde_star", "log_pstar")
+            }
         result["n_examples"] = int(sums[f"log_p@{self.Ks[0]}.n"])
         self.result = result

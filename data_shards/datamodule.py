@@ -24,7 +24,8 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
     exactly once over all ranks and workers. `*_limit` keeps that many samples,
     spread evenly over the split (`spread_indices`).
     Shards of dynamically binarized MNIST are resampled per (seed, epoch, idx) in training and
-    drawn once, with a fixed seed independent of `seed`, for validation and test.
+    drawn once, with a fixed seed independent of `seed`, for validation and test; continuous
+    MNIST (x in [0, 1), float32) is dequantized the same way.
     DataLoader workers are started afresh every epoch (they copy the epoch when they start).
     """
 

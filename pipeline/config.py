@@ -61,14 +61,25 @@ class ModelConfig:
         default_factory=lambda: [784, 300, 200, 100, 75, 50, 35, 30, 25, 20, 15, 10, 10]
     )
     """Layer sizes [n_0 = 784 pixels, n_1, ..., n_L]."""
+    families: list[Literal["bernoulli", "gaussian"]] | None = None
+    """One distribution family per layer, parallel to `layers` (bihm/families.py);
+    null: all Bernoulli (the paper's model). A Gaussian visible layer needs real-valued
+    data: data.dataset mnist_continuous."""
+    gaussian_std: float = 1.0
+    """Gaussian layers: the initial (learn_std) or fixed standard deviation of every unit."""
+    learn_std: bool = True
+    """Gaussian layers: learn a per-unit log standard deviation in each conditional."""
 
 
 @dataclass
 class DataConfig:
     shard_dir: str = "data/binarized_mnist"
     """Folder of the sharded data set; prepared automatically when it has no manifest."""
-    dataset: Literal["binarized_mnist", "mnist_static", "mnist_dynamic"] = "binarized_mnist"
-    """What `data_shards.prepare` writes to shard_dir when it has no manifest."""
+    dataset: Literal["binarized_mnist", "mnist_static", "mnist_dynamic", "mnist_continuous"] = (
+        "binarized_mnist"
+    )
+    """What `data_shards.prepare` writes to shard_dir when it has no manifest.
+    mnist_continuous: intensities in [0, 1], uniformly dequantized (for a Gaussian x)."""
     batch_size: int = 100
     eval_batch_size: int = 500
     num_workers: int = 0
@@ -296,6 +307,20 @@ def _check_range(cfg: Config) -> None:
         _fail("model.layers", f"needs the visible layer and at least one latent layer: {layers}")
     for i, n in enumerate(layers):
         positive(f"model.layers[{i}]", n)
+    families = cfg.model.families
+    if families is not None and len(families) != len(layers):
+        _fail(
+            "model.families",
+            f"must name one family per layer ({len(layers)} layers), got {len(families)}",
+        )
+    positive("model.gaussian_std", cfg.model.gaussian_std)
+    visible = "bernoulli" if families is None else families[0]
+    if (visible == "gaussian") != (cfg.data.dataset == "mnist_continuous"):
+        _fail(
+            "model.families",
+            f"a {visible} visible layer does not fit data.dataset {cfg.data.dataset} "
+            "(a Gaussian x needs mnist_continuous, a Bernoulli x binary data)",
+        )
     if not cfg.name or "/" in cfg.name:
         _fail("name", f"must be a non-empty name without '/', got {cfg.name!r}")
     d = cfg.data

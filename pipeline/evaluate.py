@@ -22,6 +22,7 @@ from bihm.model import CHECKPOINT_FORMAT, BiHM
 from bihm.rng import RowStreams
 from pipeline.config import (
     Config,
+    DataConfig,
     ModelConfig,
     apply_overrides,
     config_from_dict,
@@ -40,7 +41,17 @@ def load_checkpoint(path: str | Path, overrides: list[str] = ()) -> tuple[BiHMMo
         raise torch_load_error(path, err) from None
     if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
         model = BiHM.from_payload(payload, path)
-        data = Config(model=ModelConfig(layers=list(model.layer_sizes))).to_dict()
+        data = Config(
+            model=ModelConfig(
+                layers=list(model.layer_sizes),
+                families=list(model.families),
+                gaussian_std=model.gaussian_std,
+                learn_std=model.learn_std,
+            ),
+            data=DataConfig(
+                dataset="mnist_continuous" if model.families[0] == "gaussian" else "binarized_mnist"
+            ),
+        ).to_dict()
         cfg = config_from_dict(apply_overrides(data, list(overrides)))
         module = BiHMModule(cfg.to_dict())
         module.model.load_state_dict(model.state_dict())
@@ -154,6 +165,14 @@ def format_table(result: dict[str, Any]) -> str:
             f"{K:>6} | {cell(result['log_p'][K])} | {cell(result['log_ptilde_star'][K])} | "
             f"{cell(result['log_pstar'][K])}"
         )
+    if "bits_per_dim" in result:  # a Gaussian visible layer: the same in bits/dim (0..255)
+        bpd = result["bits_per_dim"]
+        lines.append("bits per dimension on the 0..255 scale (lower is better):")
+        for K in result["log_p"]:
+            lines.append(
+                f"{K:>6} | {bpd['log_p'][K]:17.4f} | {bpd['log_ptilde_star'][K]:17.4f} | "
+                f"{bpd['log_pstar'][K]:17.4f}"
+            )
     return "\n".join(lines)
 
 
