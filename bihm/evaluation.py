@@ -27,7 +27,7 @@ from bihm.model import BiHM, Estimates, log_mean_and_sem
 from bihm.rng import RowStreams, make_generator
 
 # Purposes mixed into the seeds, so that no two uses share random numbers.
-TRAIN, LOG_LIKELIHOOD, LOG_Z, GIBBS, RECONSTRUCT, SAMPLES_P, SAMPLES_PSTAR = range(1, 8)
+TRAIN, LOG_LIKELIHOOD, LOG_Z, GIBBS, RECONSTRUCT, SAMPLES_P, SAMPLES_PSTAR, CLASSIFY = range(1, 9)
 
 # Gibbs chains advanced together: each scores (S + 1) x inner configurations of every
 # layer per sweep (~70 MB per chain for the paper model with S = 1000, inner = 10).
@@ -103,6 +103,24 @@ def estimates(model: BiHM, x: Tensor, idx: Tensor, K: int, seed: int) -> Estimat
     streams = RowStreams.keyed(x.device, seed, LOG_LIKELIHOOD, K, keys=idx)
     est = model.estimates(x, K, generator=streams)
     return Estimates(*(getattr(est, f.name).double() for f in dataclasses.fields(est)))
+
+
+@torch.no_grad()
+def classification_errors(
+    model: BiHM, x: Tensor, y: Tensor, idx: Tensor, K: int, seed: int
+) -> dict[str, float]:
+    """Misclassified examples of the label node, by argmax of q(y | x) and of p*(y | x)
+    (`BiHM.classify` with K samples from the streams (seed, CLASSIFY, K, idx[i]), so the
+    counts do not depend on the batch or the rank). Returns {"n", "q", "pstar"}, summed."""
+    if x.shape[0] == 0:
+        return {"n": 0.0, "q": 0.0, "pstar": 0.0}
+    streams = RowStreams.keyed(x.device, seed, CLASSIFY, K, keys=idx)
+    log_q, log_pstar = model.classify(x, K, generator=streams)
+    return {
+        "n": float(x.shape[0]),
+        "q": float((log_q.argmax(-1) != y).sum()),
+        "pstar": float((log_pstar.argmax(-1) != y).sum()),
+    }
 
 
 @torch.no_grad()

@@ -37,6 +37,9 @@ VAL_SUMS = [n for name in VAL_ESTIMATES for n in ev.moment_names(name)] + [
     "gibbs",
     "recon",
     "masked",
+    "class.n",
+    "class.q",
+    "class.pstar",
 ]
 
 
@@ -48,7 +51,16 @@ def model_from_config(model_cfg: dict[str, Any]) -> BiHM:
         families=model_cfg.get("families"),
         gaussian_std=model_cfg.get("gaussian_std", 1.0),
         learn_std=model_cfg.get("learn_std", True),
+        n_classes=model_cfg.get("labels", 0),
     )
+
+
+def labelled(idx: Tensor, fraction: float) -> Tensor:
+    """Which training examples keep their label (semi-supervised training): frac(idx * phi)
+    < fraction, with phi the golden ratio. A function of the index alone (the same examples
+    every epoch, on every rank), and within 1 / n of the fraction over any n consecutive
+    indices (a low-discrepancy sequence), so a data subset keeps the fraction too."""
+    return torch.frac(idx.double() * ((1 + math.sqrt(5)) / 2)) < fraction
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -191,11 +203,18 @@ class BiHMModule(_Collectives, pl.LightningModule):
             self._train_sums_epoch = self.current_epoch
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        x = batch[0]
+        x, y = batch[0], None
+        if self.model.n_classes:  # labels -1 where semi-supervised training leaves them out
+            keep = labelled(batch[1], float(self.train_cfg.get("labelled_fraction", 1.0)))
+            y = torch.where(keep, batch[2], torch.full_like(batch[2], -1))
         rank, _ = self._rank_world()
         g = make_generator(self.device, self.seed, ev.TRAIN, rank, self.global_step)
         out = self.model.loss(
-            x, K=self.K_at(self.current_epoch), objective=self.train_cfg["objective"], generator=g
+            x,
+            K=self.K_at(self.current_epoch),
+            objective=self.train_cfg["objective"],
+            generator=g,
+            y=y,
         )
         loss = out.loss.detach()
         # No host sync here: the finiteness flag is read once, in on_before_optimizer_step.
@@ -255,6 +274,10 @@ class BiHMModule(_Collectives, pl.LightningModule):
         est = ev.estimates(self.model, x, idx, int(v["K"]), int(v["seed"]))
         for name in VAL_ESTIMATES:
             self._val_sums.add_moments(name, getattr(est, name))
+        if self.model.n_classes:  # log p(x) above has y summed out; here the test error
+            errors = ev.classification_errors(self.model, x, batch[2], idx, int(v["K"]), v["seed"])
+            for name, value in errors.items():
+                self._val_sums.add(f"class.{name}", value)
         if self._gibbs_now():
             gv = v["gibbs"]
             keep = self._gibbs_examples(idx, int(gv["examples"]))
@@ -302,6 +325,9 @@ class BiHMModule(_Collectives, pl.LightningModule):
             "val/ess_pstar": ev.moments_mean_and_sem(sums, "ess_pstar")[0],
             "val/ess_p": ev.moments_mean_and_sem(sums, "ess_p")[0],
         }
+        if sums["class.n"] > 0:
+            m["val/error_q"] = sums["class.q"] / sums["class.n"]
+            m["val/error_pstar"] = sums["class.pstar"] / sums["class.n"]
         if sums["masked"] > 0:
             m["val/gibbs_error"] = sums["gibbs"] / sums["masked"]
             m["val/recon_error"] = sums["recon"] / sums["masked"]
@@ -354,7 +380,7 @@ class EvalModule(_Collectives, pl.LightningModule):
         self.z_samples, self.z_inner, self.z_chunk, self.seed = z_samples, z_inner, z_chunk, seed
         self.names = [
             n for K in self.Ks for e in VAL_ESTIMATES for n in ev.moment_names(f"{e}@{K}")
-        ]
+        ] + [f"class.{name}@{K}" for K in self.Ks for name in ("n", "q", "pstar")]
         self.result: dict[str, Any] | None = None
         self._sums: ev.Sums | None = None
 
@@ -367,6 +393,10 @@ class EvalModule(_Collectives, pl.LightningModule):
             est = ev.estimates(self.model, x, idx, K, self.seed)
             for name in VAL_ESTIMATES:
                 self._sums.add_moments(f"{name}@{K}", getattr(est, name))
+            if self.model.n_classes:
+                errors = ev.classification_errors(self.model, x, batch[2], idx, K, self.seed)
+                for name, value in errors.items():
+                    self._sums.add(f"class.{name}@{K}", value)
 
     def on_test_epoch_end(self) -> None:
         sums = self._sums.reduced(self._reduce_sum)
@@ -394,4 +424,12 @@ class EvalModule(_Collectives, pl.LightningModule):
                 if name in ("log_p", "log_ptilde_star", "log_pstar")
             }
         result["n_examples"] = int(sums[f"log_p@{self.Ks[0]}.n"])
+        if self.model.n_classes:  # test error of the label node, from q(y|x) and p*(y|x)
+            result["classification"] = {
+                str(K): {
+                    kind: sums[f"class.{kind}@{K}"] / sums[f"class.n@{K}"]
+                    for kind in ("q", "pstar")
+                }
+                for K in self.Ks
+            }
         self.result = result

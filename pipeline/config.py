@@ -69,6 +69,10 @@ class ModelConfig:
     """Gaussian layers: the initial (learn_std) or fixed standard deviation of every unit."""
     learn_std: bool = True
     """Gaussian layers: learn a per-unit log standard deviation in each conditional."""
+    labels: int = 0
+    """Classes of the label node y (10 for MNIST; 0 = no label node). y joins the top
+    prior, p(h_L, y), and q(y | h_{L-1}) is a softmax; needs a data set with labels
+    (mnist_static, mnist_dynamic, mnist_continuous)."""
 
 
 @dataclass
@@ -112,6 +116,9 @@ class TrainConfig:
     and training switches to 1 thread while that is faster (another job on the machine;
     pipeline/cpu_threads.py). Tiny models run fastest with 1 (small products do not
     parallelise); a background run that leaves a core free uses 1."""
+    labelled_fraction: float = 1.0
+    """With a label node: the fraction of training examples whose label is used (the same
+    ones every epoch, chosen by index); the others are semi-supervised, y ~ q(y | ...)."""
     max_time_s: float | None = None
     """Stop after the first epoch that ends past this many seconds of training (Lightning's
     Timer, checked at epoch ends so that the run stops on a finished, validated and
@@ -314,6 +321,18 @@ def _check_range(cfg: Config) -> None:
             f"must name one family per layer ({len(layers)} layers), got {len(families)}",
         )
     positive("model.gaussian_std", cfg.model.gaussian_std)
+    non_negative("model.labels", cfg.model.labels)
+    if cfg.model.labels:
+        if cfg.data.dataset == "binarized_mnist":
+            _fail("model.labels", "needs a data.dataset with labels (an mnist_* data set)")
+        if cfg.validation.gibbs.every_n_epochs or cfg.samples.every_n_epochs:
+            _fail(
+                "model.labels",
+                "Gibbs sampling with a label node is not implemented: set "
+                "validation.gibbs.every_n_epochs and samples.every_n_epochs to 0",
+            )
+    if not 0 <= cfg.train.labelled_fraction <= 1:
+        _fail("train.labelled_fraction", f"must be in [0, 1], got {cfg.train.labelled_fraction}")
     visible = "bernoulli" if families is None else families[0]
     if (visible == "gaussian") != (cfg.data.dataset == "mnist_continuous"):
         _fail(

@@ -63,6 +63,9 @@ def test_smoke_config_is_tiny():
         ("model.families=[gaussian, bernoulli, bernoulli]", "model.families"),  # binary data
         ("data.dataset=mnist_continuous", "model.families"),  # real data, Bernoulli x
         ("model.gaussian_std=0", "model.gaussian_std"),
+        ("model.labels=10", "model.labels"),  # binarized MNIST has no labels
+        ("model.labels=-1", "model.labels"),
+        ("train.labelled_fraction=1.5", "train.labelled_fraction"),
     ],
 )
 def test_bad_override_names_the_key(override, key):
