@@ -58,7 +58,7 @@ def model_from_config(model_cfg: dict[str, Any]) -> BiHM:
 def labelled(idx: Tensor, fraction: float) -> Tensor:
     """Which training examples keep their label (semi-supervised training): frac(idx * phi)
     < fraction, with phi the golden ratio. A function of the index alone (the same examples
-    every epoch, on every rank), and within 1 / n of the fraction over any n consecutive
+    every epoch, on every rank), and close to the fraction over any range of consecutive
     indices (a low-discrepancy sequence), so a data subset keeps the fraction too."""
     return torch.frac(idx.double() * ((1 + math.sqrt(5)) / 2)) < fraction
 
@@ -275,7 +275,9 @@ class BiHMModule(_Collectives, pl.LightningModule):
         for name in VAL_ESTIMATES:
             self._val_sums.add_moments(name, getattr(est, name))
         if self.model.n_classes:  # log p(x) above has y summed out; here the test error
-            errors = ev.classification_errors(self.model, x, batch[2], idx, int(v["K"]), v["seed"])
+            errors = ev.classification_errors(
+                self.model, x, batch[2], idx, int(v["K"]), int(v["seed"])
+            )
             for name, value in errors.items():
                 self._val_sums.add(f"class.{name}", value)
         if self._gibbs_now():
@@ -360,8 +362,10 @@ class EvalModule(_Collectives, pl.LightningModule):
 
     for each K, the test means of log p(x), log p~*(x), log p*(x) = log p~*(x) - 2 log Z
     with standard errors across examples, and the mean ESS of both weight kinds; 2 log Z
-    from `z_samples` outer samples of Eq. 7. Everything is reduced exactly across ranks
-    (see bihm/evaluation.py). After `trainer.test`, `result` holds the table.
+    from `z_samples` outer samples of Eq. 7. A Gaussian visible layer adds bits per
+    dimension; a label node the classification errors of q(y | x) and p*(y | x) per K.
+    Everything is reduced exactly across ranks (see bihm/evaluation.py). After
+    `trainer.test`, `result` holds the table.
     """
 
     def __init__(
