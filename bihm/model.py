@@ -1,8 +1,9 @@
 """Bidirectional Helmholtz Machines (Bornschein, Shabanian, Fischer, Bengio, ICML 2016).
 
-One module: the two sigmoid belief nets p and q, their samplers and log-probabilities,
-the training objectives (BiHM and the RWS baseline), the likelihood estimators, and
-block Gibbs sampling from p*. Symbols follow `bihm-math.md`:
+One module: the two belief nets p and q, their samplers and log-probabilities, the
+training objectives (BiHM and the RWS baseline), the likelihood estimators, the label
+node's classifiers q(y | x) and p*(y | x), and block Gibbs sampling from p*. Symbols
+follow `bihm-math.md`:
 
     layers   h_0 = x, h_1, ..., h_L      (binary by default; any layer may be Gaussian)
     p        p(h_L) = Bern(sigmoid(b)),  p(h_l | h_{l+1}) = Bern(sigmoid(W^p_l h_{l+1} + c^p_l))
@@ -12,6 +13,9 @@ block Gibbs sampling from p*. Symbols follow `bihm-math.md`:
              p*(x) = p~*(x) / Z^2,   p~*(x) = (sum_h sqrt(p(x, h) q(h | x)))^2       (Eq. 4-5)
     d_k      log p(x, h_k) - log q(h_k | x),   h_k ~ q(h | x), k = 1..K
     w~       softmax_k(d_k / 2)   (BiHM)       softmax_k(d_k)   (RWS)
+    y        optional label node (C classes, one-hot): p(y) = softmax(a),
+             p(h_L | y) with pre-activation b + U y, q(y | h_{L-1}) = softmax(V h_{L-1} + e);
+             observed where the label is known, sampled from q where it is missing
 
 Every hidden layer is sampled, hence observed, so each conditional's gradient is local:
 no gradient ever flows through a sample or through the importance weights.
