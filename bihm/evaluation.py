@@ -27,7 +27,7 @@ from bihm.model import BiHM, Estimates, log_mean_and_sem
 from bihm.rng import RowStreams, make_generator
 
 # Purposes mixed into the seeds, so that no two uses share random numbers.
-TRAIN, LOG_LIKELIHOOD, LOG_Z, GIBBS, RECONSTRUCT, SAMPLES_P, SAMPLES_PSTAR = range(1, 8)
+TRAIN, LOG_LIKELIHOOD, LOG_Z, GIBBS, RECONSTRUCT, SAMPLES_P, SAMPLES_PSTAR, CLASSIFY = range(1, 9)
 
 # Gibbs chains advanced together: each scores (S + 1) x inner configurations of every
 # layer per sweep (~70 MB per chain for the paper model with S = 1000, inner = 10).
@@ -106,6 +106,24 @@ def estimates(model: BiHM, x: Tensor, idx: Tensor, K: int, seed: int) -> Estimat
 
 
 @torch.no_grad()
+def classification_errors(
+    model: BiHM, x: Tensor, y: Tensor, idx: Tensor, K: int, seed: int
+) -> dict[str, float]:
+    """Misclassified examples of the label node, by argmax of q(y | x) and of p*(y | x)
+    (`BiHM.classify` with K samples from the streams (seed, CLASSIFY, K, idx[i]), so the
+    counts do not depend on the batch or the rank). Returns {"n", "q", "pstar"}, summed."""
+    if x.shape[0] == 0:
+        return {"n": 0.0, "q": 0.0, "pstar": 0.0}
+    streams = RowStreams.keyed(x.device, seed, CLASSIFY, K, keys=idx)
+    log_q, log_pstar = model.classify(x, K, generator=streams)
+    return {
+        "n": float(x.shape[0]),
+        "q": float((log_q.argmax(-1) != y).sum()),
+        "pstar": float((log_pstar.argmax(-1) != y).sum()),
+    }
+
+
+@torch.no_grad()
 def log_z2_partial(
     model: BiHM,
     n: int,
@@ -169,13 +187,19 @@ def inpainting_errors(
     `chains` chains per example, the chains of all examples advancing together in groups
     of `group`; chain c of example idx[i] has its own streams (seed, GIBBS | RECONSTRUCT,
     idx[i], c), so the result does not depend on the rank, the batch or `group`.
-    Returns {"gibbs": errors, "recon": errors, "masked": masked pixels}, summed.
+    Returns {"gibbs": errors, "recon": errors, "masked": masked pixels}, summed. An error
+    is a wrong binary pixel, or for a Gaussian visible layer the squared difference (so
+    the ratios are an error rate, or a mean squared error per masked pixel).
     """
     out = {"gibbs": 0.0, "recon": 0.0, "masked": 0.0}
     if x.shape[0] == 0:
         return out
     xs = x.repeat_interleave(chains, dim=0)
     ms = mask.expand_as(xs)
+
+    def error(guess: Tensor, truth: Tensor) -> Tensor:
+        return (guess - truth) ** 2 if model.families[0] == "gaussian" else guess != truth
+
     gibbs = _chain_streams(x.device, seed, GIBBS, idx, chains)
     recon = _chain_streams(x.device, seed, RECONSTRUCT, idx, chains)
     free = 1 - mask
@@ -186,8 +210,8 @@ def inpainting_errors(
             xg, mg, steps=steps, proposals=proposals, inner=inner, generator=gibbs[rows]
         )
         guess = model.reconstruct(xg, mg, generator=recon[rows])
-        out["gibbs"] += float(((filled != xg) * free).sum())
-        out["recon"] += float(((guess != xg) * free).sum())
+        out["gibbs"] += float((error(filled, xg) * free).sum())
+        out["recon"] += float((error(guess, xg) * free).sum())
     out["masked"] = float(free.sum()) * xs.shape[0]
     return out
 
@@ -222,6 +246,17 @@ def sample_pictures(
         x_star.append(hs[0])
     bar.close()
     return x_p, torch.cat(x_star)
+
+
+def bits_per_dim(model: BiHM, log_p: float, prefix: str = "") -> dict[str, float]:
+    """{prefix + "bpd": ...} for a Gaussian visible layer on dequantized [0, 1) data, else {}.
+
+    x = (k + u) / 256 with k the 0..255 intensity, so a density on the 0..255 scale is
+    p(x) / 256 per pixel: bits/dim = (-log p(x) + D log 256) / (D log 2), D = n_0."""
+    if model.families[0] != "gaussian":
+        return {}
+    D = model.layer_sizes[0]
+    return {f"{prefix}bpd": (-log_p + D * math.log(256.0)) / (D * math.log(2.0))}
 
 
 def evaluation_table(

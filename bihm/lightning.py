@@ -37,7 +37,30 @@ VAL_SUMS = [n for name in VAL_ESTIMATES for n in ev.moment_names(name)] + [
     "gibbs",
     "recon",
     "masked",
+    "class.n",
+    "class.q",
+    "class.pstar",
 ]
+
+
+def model_from_config(model_cfg: dict[str, Any]) -> BiHM:
+    """The BiHM of a config's model section (keys added later default to the paper's model,
+    so the configs inside older checkpoints still load)."""
+    return BiHM(
+        model_cfg["layers"],
+        families=model_cfg.get("families"),
+        gaussian_std=model_cfg.get("gaussian_std", 1.0),
+        learn_std=model_cfg.get("learn_std", True),
+        n_classes=model_cfg.get("labels", 0),
+    )
+
+
+def labelled(idx: Tensor, fraction: float) -> Tensor:
+    """Which training examples keep their label (semi-supervised training): frac(idx * phi)
+    < fraction, with phi the golden ratio. A function of the index alone (the same examples
+    every epoch, on every rank), and close to the fraction over any range of consecutive
+    indices (a low-discrepancy sequence), so a data subset keeps the fraction too."""
+    return torch.frac(idx.double() * ((1 + math.sqrt(5)) / 2)) < fraction
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -99,7 +122,7 @@ class BiHMModule(_Collectives, pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.config = config
-        self.model = BiHM(config["model"]["layers"])
+        self.model = model_from_config(config["model"])
         self.seed = int(config.get("seed", 0))
         self.train_cfg = config["train"]
         self.optim_cfg = config["optim"]
@@ -180,11 +203,18 @@ class BiHMModule(_Collectives, pl.LightningModule):
             self._train_sums_epoch = self.current_epoch
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        x = batch[0]
+        x, y = batch[0], None
+        if self.model.n_classes:  # labels -1 where semi-supervised training leaves them out
+            keep = labelled(batch[1], float(self.train_cfg.get("labelled_fraction", 1.0)))
+            y = torch.where(keep, batch[2], torch.full_like(batch[2], -1))
         rank, _ = self._rank_world()
         g = make_generator(self.device, self.seed, ev.TRAIN, rank, self.global_step)
         out = self.model.loss(
-            x, K=self.K_at(self.current_epoch), objective=self.train_cfg["objective"], generator=g
+            x,
+            K=self.K_at(self.current_epoch),
+            objective=self.train_cfg["objective"],
+            generator=g,
+            y=y,
         )
         loss = out.loss.detach()
         # No host sync here: the finiteness flag is read once, in on_before_optimizer_step.
@@ -250,6 +280,12 @@ class BiHMModule(_Collectives, pl.LightningModule):
         est = ev.estimates(self.model, x, idx, int(v["K"]), int(v["seed"]))
         for name in VAL_ESTIMATES:
             self._val_sums.add_moments(name, getattr(est, name))
+        if self.model.n_classes:  # log p(x) above has y summed out; here the test error
+            errors = ev.classification_errors(
+                self.model, x, batch[2], idx, int(v["K"]), int(v["seed"])
+            )
+            for name, value in errors.items():
+                self._val_sums.add(f"class.{name}", value)
         if self._gibbs_now():
             gv = v["gibbs"]
             keep = self._gibbs_examples(idx, int(gv["examples"]))
@@ -293,9 +329,13 @@ class BiHMModule(_Collectives, pl.LightningModule):
             "val/two_log_z_sem": z_sem,
             "val/log_pstar": lpt - two_log_z,
             "val/log_pstar_sem": ev.log_pstar_sem(lpt_sem, z_sem),
+            **ev.bits_per_dim(self.model, lp, "val/"),
             "val/ess_pstar": ev.moments_mean_and_sem(sums, "ess_pstar")[0],
             "val/ess_p": ev.moments_mean_and_sem(sums, "ess_p")[0],
         }
+        if sums["class.n"] > 0:
+            m["val/error_q"] = sums["class.q"] / sums["class.n"]
+            m["val/error_pstar"] = sums["class.pstar"] / sums["class.n"]
         if sums["masked"] > 0:
             m["val/gibbs_error"] = sums["gibbs"] / sums["masked"]
             m["val/recon_error"] = sums["recon"] / sums["masked"]
@@ -328,8 +368,10 @@ class EvalModule(_Collectives, pl.LightningModule):
 
     for each K, the test means of log p(x), log p~*(x), log p*(x) = log p~*(x) - 2 log Z
     with standard errors across examples, and the mean ESS of both weight kinds; 2 log Z
-    from `z_samples` outer samples of Eq. 7. Everything is reduced exactly across ranks
-    (see bihm/evaluation.py). After `trainer.test`, `result` holds the table.
+    from `z_samples` outer samples of Eq. 7. A Gaussian visible layer adds bits per
+    dimension; a label node the classification errors of q(y | x) and p*(y | x) per K.
+    Everything is reduced exactly across ranks (see bihm/evaluation.py). After
+    `trainer.test`, `result` holds the table.
     """
 
     def __init__(
@@ -348,7 +390,7 @@ class EvalModule(_Collectives, pl.LightningModule):
         self.z_samples, self.z_inner, self.z_chunk, self.seed = z_samples, z_inner, z_chunk, seed
         self.names = [
             n for K in self.Ks for e in VAL_ESTIMATES for n in ev.moment_names(f"{e}@{K}")
-        ]
+        ] + [f"class.{name}@{K}" for K in self.Ks for name in ("n", "q", "pstar")]
         self.result: dict[str, Any] | None = None
         self._sums: ev.Sums | None = None
 
@@ -361,6 +403,10 @@ class EvalModule(_Collectives, pl.LightningModule):
             est = ev.estimates(self.model, x, idx, K, self.seed)
             for name in VAL_ESTIMATES:
                 self._sums.add_moments(f"{name}@{K}", getattr(est, name))
+            if self.model.n_classes:
+                errors = ev.classification_errors(self.model, x, batch[2], idx, K, self.seed)
+                for name, value in errors.items():
+                    self._sums.add(f"class.{name}@{K}", value)
 
     def on_test_epoch_end(self) -> None:
         sums = self._sums.reduced(self._reduce_sum)
@@ -381,5 +427,19 @@ class EvalModule(_Collectives, pl.LightningModule):
             for K in self.Ks
         }
         result["two_log_z"] = {"value": two_log_z, "sem": z_sem, "n": self.z_samples}
+        if self.model.families[0] == "gaussian":
+            result["bits_per_dim"] = {
+                name: {K: ev.bits_per_dim(self.model, e["mean"])["bpd"] for K, e in col.items()}
+                for name, col in result.items()
+                if name in ("log_p", "log_ptilde_star", "log_pstar")
+            }
         result["n_examples"] = int(sums[f"log_p@{self.Ks[0]}.n"])
+        if self.model.n_classes:  # test error of the label node, from q(y|x) and p*(y|x)
+            result["classification"] = {
+                str(K): {
+                    kind: sums[f"class.{kind}@{K}"] / sums[f"class.n@{K}"]
+                    for kind in ("q", "pstar")
+                }
+                for K in self.Ks
+            }
         self.result = result

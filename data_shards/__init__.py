@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from data_shards.stream import eval_loader, train_loader
 
 # What `prepare` can write (and `data.dataset` in a config can name).
-DATASETS = ("binarized_mnist", "mnist_static", "mnist_dynamic")
+DATASETS = ("binarized_mnist", "mnist_static", "mnist_dynamic", "mnist_continuous")
 
 _HOMES = {
     "BinarizedMNISTDataModule": "data_shards.datamodule",

@@ -24,7 +24,8 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
     exactly once over all ranks and workers. `*_limit` keeps that many samples,
     spread evenly over the split (`spread_indices`).
     Shards of dynamically binarized MNIST are resampled per (seed, epoch, idx) in training and
-    drawn once, with a fixed seed independent of `seed`, for validation and test.
+    drawn once, with a fixed seed independent of `seed`, for validation and test; continuous
+    MNIST (x in [0, 1), float32) is dequantized the same way.
     DataLoader workers are started afresh every epoch (they copy the epoch when they start).
     """
 
@@ -41,6 +42,7 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
         valid_limit: int | None = None,
         test_limit: int | None = None,
         verify_sha256: bool = True,
+        with_labels: bool = False,
     ):
         super().__init__()
         self.shard_dir = shard_dir
@@ -52,6 +54,7 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
         self.seed = seed
         self.limits = {"train": train_limit, "valid": valid_limit, "test": test_limit}
         self.verify_sha256 = verify_sha256
+        self.with_labels = with_labels  # batches (x, idx, labels)
         self.manifest: dict | None = None
         self._verified = False
         # A tiny evaluation subset may leave some ranks without a sample (e.g. valid_limit=1
@@ -102,6 +105,7 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
             epoch_fn=self._current_epoch if self.trainer is not None else None,
             verify_sha256=False,  # done once in setup()
             manifest=self.manifest,
+            with_labels=self.with_labels,
         )
 
     def _eval_dataloader(self, split: str) -> DataLoader:
@@ -118,6 +122,7 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
             verify_sha256=False,
             seed=0,  # one fixed dynamic-binarization draw, whatever the training seed
             manifest=self.manifest,
+            with_labels=self.with_labels,
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -6,7 +6,8 @@ is only 98 bytes, and per-record overhead dominates otherwise). Its key is the z
 index, within the split, of its first image, so readers can check order and completeness.
 Fields:
   `bits`    np.packbits of the 784 binary pixels, 98 bytes per image   (static binarization)
-  `u8`      the 784 raw intensities 0..255, 784 bytes per image        (dynamic binarization)
+  `u8`      the 784 raw intensities 0..255, 784 bytes per image        (dynamic binarization,
+            or continuous: dequantized by the reader to (k + u) / 256, u ~ U[0, 1))
   `labels`  one uint8 per image (only when labels exist).
 `manifest.json` lists per split the image count and the shards (file, count, first index,
 sha256), plus the hash of the source content.
@@ -33,7 +34,8 @@ from data_shards.sources import PIXELS, DataError, MissingDataError
 
 MANIFEST = "manifest.json"
 FORMAT = "bihm-wds-1"
-ENCODINGS = {"static": "bits", "dynamic": "u8"}  # binarization -> payload field
+# binarization -> payload field; "continuous" is not binarized at all (see stream.pack)
+ENCODINGS = {"static": "bits", "dynamic": "u8", "continuous": "u8"}
 PACKED_BYTES = PIXELS // 8
 SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<num>\d{6})\.tar$")
 # Python's tarfile spends ~20 us per member, which capped a loader at ~35k images/s with one
@@ -102,7 +104,8 @@ def write_shards(
     """Write `splits` ({name: (N, 784) uint8}) as shards plus manifest.json in `out_dir`.
 
     binarization "static": values must be 0/1 and are bit-packed; "dynamic": values are
-    intensities 0..255, stored as is and resampled by the reader every epoch.
+    intensities 0..255, stored as is and resampled by the reader every epoch; "continuous":
+    stored as "dynamic", dequantized by the reader every epoch.
     Atomic: shards are written under temporary names and renamed only once all are complete;
     the manifest is written last, so a reader never sees a manifest pointing at partial shards.
     Returns the manifest.
@@ -330,7 +333,8 @@ def prepare(
     or file:// base URL, or None: then $BIHM_DATA_SOURCE (for the mnist_* data sets
     $BIHM_MNIST_SOURCE, else $BIHM_DATA_SOURCE), else a download from the canonical URL.
     dataset: "binarized_mnist" (standard static binarization), "mnist_static" (raw MNIST
-    binarized once with `seed`), "mnist_dynamic" (raw intensities, resampled every epoch).
+    binarized once with `seed`), "mnist_dynamic" (raw intensities, resampled every epoch),
+    "mnist_continuous" (raw intensities, read as uniformly dequantized values in [0, 1]).
     Idempotent: with an up-to-date manifest and intact shards it does nothing and says so.
     """
     if dataset not in DATASETS:
@@ -354,6 +358,8 @@ def prepare(
         }
     elif dataset == "mnist_dynamic":
         binarization = "dynamic"
+    elif dataset == "mnist_continuous":
+        binarization = "continuous"
     metadata = {
         key: value for key, value in identity.items() if key not in ("source_hash", "shard_size")
     }

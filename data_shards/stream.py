@@ -40,7 +40,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_shards.shards import PACKED_BYTES, PIXELS, load_manifest, sample_key, verify_shards
 from data_shards.sources import DataError
 
-EVAL_EPOCH = -1  # dynamic binarization of evaluation splits: one fixed draw, same every time
+# Dynamic binarization and dequantization of evaluation splits: one fixed draw, same every time.
+EVAL_EPOCH = -1
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class SplitSpec:
     per_record: int  # images per record (WebDataset sample)
     count: int  # images in the split
     n: int  # images used: min(count, limit), spread over the split
+    continuous: bool = False  # "u8" read as dequantized intensities instead of binarized
 
     @classmethod
     def from_manifest(cls, shard_dir, manifest: dict, split: str, limit: int | None = None):
@@ -110,6 +112,7 @@ class SplitSpec:
             manifest["images_per_record"],
             info["count"],
             n,
+            manifest.get("binarization") == "continuous",
         )
 
     def index(self, position: int) -> int:
@@ -198,8 +201,8 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def dynamic_binarize(intensities: np.ndarray, idx: np.ndarray, seed: int, epoch: int) -> np.ndarray:
-    """Bernoulli(intensity / 255) per pixel, a pure function of (seed, epoch, idx, pixel).
+def pixel_uniforms(idx: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """U[0, 1) float32 per (example, pixel), a pure function of (seed, epoch, idx, pixel).
 
     Counter-based hashing instead of a seeded generator per sample: the draw does not depend
     on batching, worker or rank, and costs a few vectorized integer ops per pixel.
@@ -211,8 +214,19 @@ def dynamic_binarize(intensities: np.ndarray, idx: np.ndarray, seed: int, epoch:
             PIXELS, dtype=np.uint64
         )
         bits = _splitmix64(counter ^ stream)
-    uniform = (bits >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)  # [0, 1)
-    return (uniform * 255.0 < intensities).astype(np.uint8)
+    return (bits >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)  # [0, 1)
+
+
+def dynamic_binarize(intensities: np.ndarray, idx: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """Bernoulli(intensity / 255) per pixel, a pure function of (seed, epoch, idx, pixel)."""
+    return (pixel_uniforms(idx, seed, epoch) * 255.0 < intensities).astype(np.uint8)
+
+
+def dequantize(intensities: np.ndarray, idx: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """(k + u) / 256 with u ~ U[0, 1) per pixel: values in [0, 1), float32, a pure function
+    of (seed, epoch, idx, pixel). A density on these values relates to the 0..255 scale by
+    p_255(k + u) = p(x) / 256 per pixel (bits per dimension, see bihm.evaluation)."""
+    return (intensities.astype(np.float32) + pixel_uniforms(idx, seed, epoch)) / np.float32(256.0)
 
 
 class PackedBatch(NamedTuple):
@@ -223,18 +237,26 @@ class PackedBatch(NamedTuple):
     tensors are made in the main process by `to_tensors`.
     """
 
-    bits: np.ndarray  # (B, 98) uint8, np.packbits of the binary pixels
+    bits: np.ndarray  # (B, 98) uint8, np.packbits of the binary pixels; continuous data:
+    # (B, 784) float32 values in [0, 1), 4x more than the intensities but no pass in torch
     idx: np.ndarray  # (B,) int64
     labels: np.ndarray | None  # (B,) int64
 
 
 def pack(
-    samples: list[Sample], field: str, seed: int, epoch: int, with_labels: bool
+    samples: list[Sample],
+    field: str,
+    seed: int,
+    epoch: int,
+    with_labels: bool,
+    continuous: bool = False,
 ) -> PackedBatch:
     idx = np.fromiter((s.idx for s in samples), dtype=np.int64, count=len(samples))
     payload = np.frombuffer(b"".join(s.payload for s in samples), dtype=np.uint8)
     payload = payload.reshape(len(samples), -1)
-    if field != "bits":
+    if continuous:
+        payload = dequantize(payload, idx, seed, epoch)
+    elif field != "bits":
         payload = np.packbits(dynamic_binarize(payload, idx, seed, epoch), axis=1)
     labels = None
     if with_labels:
@@ -243,8 +265,12 @@ def pack(
 
 
 def to_tensors(batch: PackedBatch):
-    """(x float32 (B, 784) in {0,1}, idx int64 (B,)[, labels int64 (B,)])."""
-    x = torch.from_numpy(np.unpackbits(batch.bits, axis=1).astype(np.float32))
+    """(x float32 (B, 784) in {0,1} (or [0, 1) for continuous data), idx int64 (B,)
+    [, labels int64 (B,)])."""
+    if batch.bits.dtype == np.float32:
+        x = torch.from_numpy(batch.bits)
+    else:
+        x = torch.from_numpy(np.unpackbits(batch.bits, axis=1).astype(np.float32))
     tensors = (x, torch.from_numpy(batch.idx))
     return tensors if batch.labels is None else (*tensors, torch.from_numpy(batch.labels))
 
@@ -294,7 +320,14 @@ class _SplitStream(IterableDataset):
         self.batch_size, self.seed, self.with_labels = batch_size, seed, with_labels
 
     def _collate(self, samples: list[Sample]) -> PackedBatch:
-        return pack(samples, self.spec.field, self.seed, self.epoch, self.with_labels)
+        return pack(
+            samples,
+            self.spec.field,
+            self.seed,
+            self.epoch,
+            self.with_labels,
+            self.spec.continuous,
+        )
 
 
 class TrainStream(_SplitStream):

@@ -61,14 +61,29 @@ class ModelConfig:
         default_factory=lambda: [784, 300, 200, 100, 75, 50, 35, 30, 25, 20, 15, 10, 10]
     )
     """Layer sizes [n_0 = 784 pixels, n_1, ..., n_L]."""
+    families: list[Literal["bernoulli", "gaussian"]] | None = None
+    """One distribution family per layer, parallel to `layers` (bihm/families.py);
+    null: all Bernoulli (the paper's model). A Gaussian visible layer needs real-valued
+    data: data.dataset mnist_continuous."""
+    gaussian_std: float = 1.0
+    """Gaussian layers: the initial (learn_std) or fixed standard deviation of every unit."""
+    learn_std: bool = True
+    """Gaussian layers: learn a per-unit log standard deviation in each conditional."""
+    labels: int = 0
+    """Classes of the label node y (10 for MNIST; 0 = no label node). y joins the top
+    prior, p(h_L, y), and q(y | h_{L-1}) is a softmax; needs a data set with labels
+    (mnist_static, mnist_dynamic, mnist_continuous)."""
 
 
 @dataclass
 class DataConfig:
     shard_dir: str = "data/binarized_mnist"
     """Folder of the sharded data set; prepared automatically when it has no manifest."""
-    dataset: Literal["binarized_mnist", "mnist_static", "mnist_dynamic"] = "binarized_mnist"
-    """What `data_shards.prepare` writes to shard_dir when it has no manifest."""
+    dataset: Literal["binarized_mnist", "mnist_static", "mnist_dynamic", "mnist_continuous"] = (
+        "binarized_mnist"
+    )
+    """What `data_shards.prepare` writes to shard_dir when it has no manifest.
+    mnist_continuous: intensities in [0, 1], uniformly dequantized (for a Gaussian x)."""
     batch_size: int = 100
     eval_batch_size: int = 500
     num_workers: int = 0
@@ -103,10 +118,14 @@ class TrainConfig:
     parallelise); a background run that leaves a core free uses 1."""
     precision: Literal["32-true", "bf16-mixed"] = "32-true"
     """Lightning's precision for training. bf16-mixed runs the training step's matmuls in
-    bf16 (every x and h is 0 or 1, exact in bf16; the weights round to 8 bits of mantissa)
+    bf16 (a binary x or h is exact in bf16, a Gaussian layer's values and the weights round
+    to 8 bits of mantissa)
     with fp32 master weights, logits, log-probabilities and optimizer. Validation and
     evaluation stay fp32. Fast only where bf16 matmuls are native (AVX512-BF16/AMX CPUs,
     GPUs); see the README for the evidence that it trains as well as fp32."""
+    labelled_fraction: float = 1.0
+    """With a label node: the fraction of training examples whose label is used (the same
+    ones every epoch, chosen by index); the others are semi-supervised, y ~ q(y | ...)."""
     max_time_s: float | None = None
     """Stop after the first epoch that ends past this many seconds of training (Lightning's
     Timer, checked at epoch ends so that the run stops on a finished, validated and
@@ -302,6 +321,32 @@ def _check_range(cfg: Config) -> None:
         _fail("model.layers", f"needs the visible layer and at least one latent layer: {layers}")
     for i, n in enumerate(layers):
         positive(f"model.layers[{i}]", n)
+    families = cfg.model.families
+    if families is not None and len(families) != len(layers):
+        _fail(
+            "model.families",
+            f"must name one family per layer ({len(layers)} layers), got {len(families)}",
+        )
+    positive("model.gaussian_std", cfg.model.gaussian_std)
+    non_negative("model.labels", cfg.model.labels)
+    if cfg.model.labels:
+        if cfg.data.dataset == "binarized_mnist":
+            _fail("model.labels", "needs a data.dataset with labels (an mnist_* data set)")
+        if cfg.validation.gibbs.every_n_epochs or cfg.samples.every_n_epochs:
+            _fail(
+                "model.labels",
+                "Gibbs sampling with a label node is not implemented: set "
+                "validation.gibbs.every_n_epochs and samples.every_n_epochs to 0",
+            )
+    if not 0 <= cfg.train.labelled_fraction <= 1:
+        _fail("train.labelled_fraction", f"must be in [0, 1], got {cfg.train.labelled_fraction}")
+    visible = "bernoulli" if families is None else families[0]
+    if (visible == "gaussian") != (cfg.data.dataset == "mnist_continuous"):
+        _fail(
+            "model.families",
+            f"a {visible} visible layer does not fit data.dataset {cfg.data.dataset} "
+            "(a Gaussian x needs mnist_continuous, a Bernoulli x binary data)",
+        )
     if not cfg.name or "/" in cfg.name:
         _fail("name", f"must be a non-empty name without '/', got {cfg.name!r}")
     d = cfg.data

@@ -26,6 +26,20 @@ def _load(args: argparse.Namespace, extra: tuple[str, ...] = ()):
     return load_checkpoint(args.checkpoint, overrides)
 
 
+def _gibbs_model(args: argparse.Namespace):
+    """The checkpoint's module and config for a Gibbs sampler; a label node is refused
+    (Gibbs sampling with a label node is not implemented)."""
+    from bihm.errors import UserError
+
+    module, cfg = _load(args)
+    if module.model.n_classes:
+        raise UserError(
+            f"{args.checkpoint}: the model has a label node; Gibbs sampling with a label "
+            "node is not implemented"
+        )
+    return module, cfg
+
+
 def _write_json(path: Path | None, data: dict) -> None:
     if path is not None:
         from bihm.atomic import atomic_write_text
@@ -79,7 +93,7 @@ def _sample(args: argparse.Namespace) -> int:
     from pipeline.evaluate import single_device_model
     from pipeline.train import save_sample_picture
 
-    module, cfg = _load(args)
+    module, cfg = _gibbs_model(args)
     save_sample_picture(
         single_device_model(module, cfg),
         args.out,
@@ -98,7 +112,7 @@ def _inpaint(args: argparse.Namespace) -> int:
     from data_shards import eval_loader, load_manifest
     from pipeline.evaluate import inpaint_picture, single_device_model
 
-    module, cfg = _load(args)
+    module, cfg = _gibbs_model(args)
     model = single_device_model(module, cfg)
     load_manifest(cfg.data.shard_dir)  # names the folder if it holds no prepared shards
     # `limit` picks digits spread over the whole split (the test split is sorted by class).

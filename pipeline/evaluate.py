@@ -22,6 +22,7 @@ from bihm.model import CHECKPOINT_FORMAT, BiHM
 from bihm.rng import RowStreams
 from pipeline.config import (
     Config,
+    DataConfig,
     ModelConfig,
     apply_overrides,
     config_from_dict,
@@ -40,7 +41,19 @@ def load_checkpoint(path: str | Path, overrides: list[str] = ()) -> tuple[BiHMMo
         raise torch_load_error(path, err) from None
     if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
         model = BiHM.from_payload(payload, path)
-        data = Config(model=ModelConfig(layers=list(model.layer_sizes))).to_dict()
+        data = Config(
+            model=ModelConfig(
+                layers=list(model.layer_sizes),
+                families=list(model.families),
+                gaussian_std=model.gaussian_std,
+                learn_std=model.learn_std,
+                labels=model.n_classes,
+            ),
+            data=DataConfig(dataset=_dataset_for(model)),
+        ).to_dict()
+        if model.n_classes:  # no Gibbs with a label node (see pipeline.config)
+            data["validation"]["gibbs"]["every_n_epochs"] = 0
+            data["samples"]["every_n_epochs"] = 0
         cfg = config_from_dict(apply_overrides(data, list(overrides)))
         module = BiHMModule(cfg.to_dict())
         module.model.load_state_dict(model.state_dict())
@@ -57,10 +70,24 @@ def load_checkpoint(path: str | Path, overrides: list[str] = ()) -> tuple[BiHMMo
     return module, cfg
 
 
+def _dataset_for(model: BiHM) -> str:
+    """A data set kind that fits a bare model file (the shards come from --shards)."""
+    if model.families[0] == "gaussian":
+        return "mnist_continuous"
+    return "mnist_dynamic" if model.n_classes else "binarized_mnist"
+
+
 class SplitDataModule(pl.LightningDataModule):
     """One split of the shards as the test (or validation) loader, exactly once over ranks."""
 
-    def __init__(self, shard_dir: str, split: str, batch_size: int, limit: int | None) -> None:
+    def __init__(
+        self,
+        shard_dir: str,
+        split: str,
+        batch_size: int,
+        limit: int | None,
+        with_labels: bool = False,
+    ) -> None:
         super().__init__()
         self.shard_dir, self.split, self.batch_size, self.limit = (
             shard_dir,
@@ -68,6 +95,7 @@ class SplitDataModule(pl.LightningDataModule):
             batch_size,
             limit,
         )
+        self.with_labels = with_labels
 
     def _loader(self):
         from data_shards import eval_loader
@@ -79,6 +107,7 @@ class SplitDataModule(pl.LightningDataModule):
             world_size=self.trainer.world_size,
             batch_size=self.batch_size,
             limit=self.limit,
+            with_labels=self.with_labels,
         )
 
     def test_dataloader(self):
@@ -128,7 +157,9 @@ def evaluate(
     evaluator = EvalModule(
         module.model, Ks=Ks, z_samples=z_samples, z_inner=z_inner, z_chunk=z_chunk, seed=seed
     )
-    dm = SplitDataModule(cfg.data.shard_dir, split, batch_size, limit)
+    dm = SplitDataModule(
+        cfg.data.shard_dir, split, batch_size, limit, with_labels=module.model.n_classes > 0
+    )
     trainer = _trainer(cfg, devices, num_nodes, progress)
     trainer.test(evaluator, datamodule=dm, verbose=False)
     result = dict(evaluator.result)
@@ -154,6 +185,19 @@ def format_table(result: dict[str, Any]) -> str:
             f"{K:>6} | {cell(result['log_p'][K])} | {cell(result['log_ptilde_star'][K])} | "
             f"{cell(result['log_pstar'][K])}"
         )
+    if "classification" in result:  # a label node: test error from q(y|x) and p*(y|x)
+        lines.append("classification error (fraction of examples):")
+        lines.append(f"{'K':>6} | {'q(y | x)':>17} | {'p*(y | x)':>17}")
+        for K, err in result["classification"].items():
+            lines.append(f"{K:>6} | {err['q']:17.4f} | {err['pstar']:17.4f}")
+    if "bits_per_dim" in result:  # a Gaussian visible layer: the same in bits/dim (0..255)
+        bpd = result["bits_per_dim"]
+        lines.append("bits per dimension on the 0..255 scale (lower is better):")
+        for K in result["log_p"]:
+            lines.append(
+                f"{K:>6} | {bpd['log_p'][K]:17.4f} | {bpd['log_ptilde_star'][K]:17.4f} | "
+                f"{bpd['log_pstar'][K]:17.4f}"
+            )
     return "\n".join(lines)
 
 

@@ -97,6 +97,7 @@ def make_datamodule(cfg: Config, **overrides: Any) -> PreparingDataModule:
         train_limit=d.train_limit,
         valid_limit=d.valid_limit,
         test_limit=d.test_limit,
+        with_labels=cfg.model.labels > 0,
     )
     kwargs.update(overrides)
     return PreparingDataModule(dataset=d.dataset, **kwargs)

@@ -29,6 +29,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     shards = make_shards(tmp / "shards", n_train=200, n_valid=50, n_test=50)
     ckpt = tmp / "model.pt"
     BiHM([784, 8, 4]).save(ckpt)
+    BiHM([784, 8, 4], n_classes=10).save(tmp / "labels.pt")
     garbage = tmp / "garbage.ckpt"
     garbage.write_bytes(b"not a checkpoint")
     bad_manifest = tmp / "bad_manifest"
@@ -48,6 +49,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     return {
         "shards": shards,
         "ckpt": ckpt,
+        "labels_ckpt": tmp / "labels.pt",
         "garbage": garbage,
         "bad_manifest": bad_manifest,
         "empty": empty,
@@ -96,11 +98,13 @@ BAD_INPUTS = [
     ("sample --checkpoint {ckpt} --gibbs-steps -1 --out {tmp}/s.png", "--gibbs-steps"),
     ("sample --checkpoint {ckpt} --proposals 0 --out {tmp}/s.png", "--proposals"),
     ("sample --checkpoint {tmp}/missing.ckpt --out {tmp}/s.png", "missing.ckpt"),
+    ("sample --checkpoint {labels_ckpt} --out {tmp}/s.png", "labels.pt"),
     # bihm inpaint
     ("inpaint --checkpoint {ckpt} --digits 0 --out {tmp}/i.png", "--digits"),
     ("inpaint --checkpoint {ckpt} --chains 0 --out {tmp}/i.png", "--chains"),
     ("inpaint --checkpoint {ckpt} --mask diagonal --out {tmp}/i.png", "--mask"),
     ("inpaint --checkpoint {ckpt} --shards {empty} --out {tmp}/i.png", "manifest"),
+    ("inpaint --checkpoint {labels_ckpt} --out {tmp}/i.png", "labels.pt"),
     # bihm bench
     ("bench --min-time 0", "--min-time"),
     ("bench --device tpu", "--device"),

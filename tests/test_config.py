@@ -58,6 +58,14 @@ def test_smoke_config_is_tiny():
         ("optim.betas=[0.9]", "optim.betas"),
         ("optim.switch.K=100", "optim.switch.epoch"),
         ("optim=3", "optim"),
+        ("model.families=[gaussian, bernoulli]", "model.families"),
+        ("model.families=[bernoulli, poisson, bernoulli]", "model.families[1]"),
+        ("model.families=[gaussian, bernoulli, bernoulli]", "model.families"),  # binary data
+        ("data.dataset=mnist_continuous", "model.families"),  # real data, Bernoulli x
+        ("model.gaussian_std=0", "model.gaussian_std"),
+        ("model.labels=10", "model.labels"),  # binarized MNIST has no labels
+        ("model.labels=-1", "model.labels"),
+        ("train.labelled_fraction=1.5", "train.labelled_fraction"),
     ],
 )
 def test_bad_override_names_the_key(override, key):

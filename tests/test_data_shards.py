@@ -351,6 +351,30 @@ def test_mnist_dynamic_binarization(idx_mirror, tmp_path):
     assert all(np.array_equal(first[i], row) for i, row in second.items())
 
 
+def test_mnist_continuous_dequantization(idx_mirror, tmp_path):
+    """x = (k + u) / 256 with u ~ U[0, 1): in the intensity's bin, fresh every epoch, a
+    function of (seed, epoch, idx) only, and one fixed draw for evaluation."""
+    directory, arrays = idx_mirror
+    out = tmp_path / "cont"
+    manifest = prepare(out, directory, dataset="mnist_continuous", progress=False)
+    assert manifest["binarization"] == "continuous" and manifest["field"] == "u8"
+    intensities = arrays["train-images-idx3-ubyte"].reshape(-1, 784)[:40].astype(np.float64)
+
+    loader = train_loader(out, batch_size=10, seed=7)
+    epoch0, epoch1 = _pixels_by_idx(loader), _pixels_by_idx(loader)
+    x = np.stack([epoch0[i] for i in range(40)]).astype(np.float64)
+    assert epoch0[0].dtype == np.float32 and np.all(x >= 0) and np.all(x < 1)
+    assert np.all(np.floor(x * 256) == intensities)  # the noise stays inside the bin
+    noise = x * 256 - intensities
+    assert abs(noise.mean() - 0.5) < 0.01 and abs(noise.var() - 1 / 12) < 0.005  # U[0, 1)
+    assert not np.array_equal(x, np.stack([epoch1[i] for i in range(40)]))  # redrawn
+    again = _pixels_by_idx(train_loader(out, batch_size=20, seed=7, shuffle_buffer=1))
+    assert all(np.array_equal(again[i], epoch0[i]) for i in range(40))
+    first = _pixels_by_idx(eval_loader(out, "valid", batch_size=7))
+    second = _pixels_by_idx(eval_loader(out, "valid", batch_size=20, world_size=2, rank=1))
+    assert all(np.array_equal(first[i], row) for i, row in second.items())
+
+
 def test_source_may_be_the_parent_of_the_mirrors(idx_mirror, tmp_path, monkeypatch):
     """e.g. BIHM_DATA_SOURCE=shared/datasets, holding binarized_mnist/ and mnist/."""
     directory, _ = idx_mirror

@@ -9,6 +9,7 @@ import torch
 
 from bihm import BiHM
 from bihm.errors import CheckpointError
+from tests.exact import assert_manual_grads_equal_autograd
 
 PAPER_SIZES = [784, 300, 200, 100, 75, 50, 35, 30, 25, 20, 15, 10, 10]
 
@@ -223,21 +224,4 @@ def test_manual_gradients_equal_autograd_of_the_surrogate(objective):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 3.0)  # large weights: some logits hit the clamp
-    x = binary(5, 12, seed=1)
-    K = 7
-    model.zero_grad()
-    out = model.loss(x, K, objective=objective, generator=torch.Generator().manual_seed(9))
-    out.loss.backward()
-    manual = {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    model.zero_grad()
-    hs = model.sample_q(x, K, generator=torch.Generator().manual_seed(9))  # same draws
-    log_p, log_q = model.log_p(hs), model.log_q(hs)
-    d = (log_p - log_q).detach()
-    w = torch.softmax(d / 2 if objective == "bihm" else d, -1)
-    c = w - 1 / K if objective == "bihm" else w
-    reference = -((w * log_p).sum(-1) + (c * log_q).sum(-1)).mean()
-    reference.backward()
-    torch.testing.assert_close(out.loss.detach(), reference.detach(), rtol=1e-5, atol=1e-5)
-    for name, param in model.named_parameters():
-        torch.testing.assert_close(manual[name], param.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert_manual_grads_equal_autograd(model, binary(5, 12, seed=1), 7, objective)

@@ -271,3 +271,99 @@ def test_non_finite_loss_on_one_ddp_rank_stops_all_ranks(shards, tmp_path):
     payload = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert payload["epoch"] == 0
     assert all(torch.isfinite(v).all() for v in payload["state_dict"].values())
+
+
+def test_gaussian_visible_model_trains_on_continuous_shards(tmp_path):
+    """model.families with a Gaussian x on dequantized data: trains, validates (bits/dim,
+    inpainting mean squared error), samples and checkpoints end to end."""
+    import numpy as np
+
+    from data_shards import write_shards
+
+    rng = np.random.default_rng(0)
+    protos = rng.integers(0, 256, (6, 784))
+
+    def split(n):
+        x = protos[rng.integers(0, 6, n)] + rng.integers(-20, 21, (n, 784))
+        return np.clip(x, 0, 255).astype(np.uint8)
+
+    shards = tmp_path / "shards"
+    data = {"train": split(800), "valid": split(200), "test": split(200)}
+    write_shards(data, shards, source_hash="test", binarization="continuous", progress=False)
+    run_dir = tmp_path / "run"
+    cfg = tiny_config(
+        shards,
+        run_dir,
+        model={"layers": [784, 16, 8], "families": ["gaussian", "bernoulli", "bernoulli"]},
+    )
+    cfg["data"]["dataset"] = "mnist_continuous"
+    cfg = config_from_dict(cfg)
+    run_training(cfg)
+    rows = read_metrics(run_dir)
+    first, last = float(rows[0]["val/log_p"]), float(rows[-1]["val/log_p"])
+    assert last > first + 50, (first, last)
+    for r in rows:
+        bpd = (-float(r["val/log_p"]) + 784 * math.log(256)) / (784 * math.log(2))
+        assert float(r["val/bpd"]) == pytest.approx(bpd)
+    assert 0 <= float(rows[1]["val/gibbs_error"]) < 1  # a mean squared error of [0, 1) pixels
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["epoch_0001.png"]
+    module = BiHMModule.load_from_checkpoint(
+        run_dir / "checkpoints" / "last.ckpt", weights_only=True
+    )
+    assert module.model.families == ["gaussian", "bernoulli", "bernoulli"]
+
+
+def test_labelled_model_trains_semi_supervised_and_eval_reports_test_error(tmp_path, capsys):
+    """model.labels with half of the training labels: the label node learns the classes of
+    generated prototypes (errors far below chance from q(y|x) and p*(y|x)), and `bihm eval`
+    reports the test error, the same for any batch size."""
+    import json
+
+    import numpy as np
+
+    from bihm.lightning import labelled
+    from data_shards import write_shards
+    from pipeline.cli import main
+
+    rng = np.random.default_rng(1)
+    protos = rng.random((4, 784)) < 0.25
+
+    def split(n):
+        y = rng.integers(0, 4, n)
+        return (protos[y] ^ (rng.random((n, 784)) < 0.05)).astype(np.uint8), y
+
+    parts = {"train": split(800), "valid": split(200), "test": split(150)}
+    shards = tmp_path / "shards"
+    write_shards(
+        {k: v[0] for k, v in parts.items()},
+        shards,
+        source_hash="test",
+        labels={k: v[1] for k, v in parts.items()},
+        progress=False,
+    )
+    run_dir = tmp_path / "run"
+    cfg = tiny_config(
+        shards,
+        run_dir,
+        model={"layers": [784, 16, 8], "labels": 4},
+        train={"labelled_fraction": 0.5, "max_epochs": 4},
+    )
+    cfg["data"]["dataset"] = "mnist_static"
+    cfg["validation"]["gibbs"]["every_n_epochs"] = 0
+    cfg["samples"]["every_n_epochs"] = 0
+    run_training(config_from_dict(cfg))
+    rows = read_metrics(run_dir)
+    assert float(rows[-1]["val/error_q"]) < 0.2 and float(rows[-1]["val/error_pstar"]) < 0.2
+    # Half of the labels, by index: the same examples every epoch.
+    keep = labelled(torch.arange(800), 0.5)
+    assert abs(keep.float().mean().item() - 0.5) < 0.01
+
+    args = ["eval", "--checkpoint", str(run_dir / "checkpoints" / "last.ckpt"), "--no-progress"]
+    args += ["--samples", "1,20", "--z-samples", "500", "--z-chunk", "250"]
+    assert main([*args, "--json", str(tmp_path / "a.json"), "--batch-size", "64"]) == 0
+    assert main([*args, "--json", str(tmp_path / "b.json"), "--batch-size", "50"]) == 0
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    assert a["classification"] == b["classification"]
+    assert set(a["classification"]) == {"1", "20"}
+    assert a["classification"]["20"]["pstar"] < 0.2 and a["classification"]["20"]["q"] < 0.2
+    assert "classification error" in capsys.readouterr().out
