@@ -269,6 +269,11 @@ class BiHM(nn.Module):
     def _dtype(self) -> torch.dtype:
         return self.prior_logits.dtype
 
+    def _own(self, t: Tensor) -> Tensor:
+        """t in the model's dtype: a product that bf16 autocast ran in bf16 goes on in fp32
+        (or float64 for a float64 model); a no-op without autocast."""
+        return t.to(self._dtype)
+
     # ------------------------------------------------------------------ sampling
     def _q_pass(
         self, x: Tensor, K: int, generator: Generator = None
@@ -280,15 +285,16 @@ class BiHM(nn.Module):
         K samples: that saves the largest matmul of q (and of its gradient) K - 1 times."""
         x = x.to(self._dtype)
         fams, log_stds = self._fams, self._log_stds("q")
-        # .float(): under bf16 autocast (train.precision bf16-mixed) only the matmuls run in
-        # bf16; pre-activations and everything after them are fp32. In fp32 it is a no-op.
-        a = fams[1].finish(self.q_nets[0](x).float(), inplace=True).unsqueeze(-2)
+        # _own(): under bf16 autocast (train.precision bf16-mixed) only the matmuls run in
+        # bf16; pre-activations and everything after them are in the model's dtype (fp32).
+        # Without autocast it is a no-op.
+        a = fams[1].finish(self._own(self.q_nets[0](x)), inplace=True).unsqueeze(-2)
         stats = fams[1].stats(a)
         h = fams[1].sample(a, log_stds[1], (*x.shape[:-1], K, a.shape[-1]), generator, stats)
         hs = [x.unsqueeze(-2).expand(*x.shape[:-1], K, x.shape[-1]), h]
         q_a, q_stats = [a], [stats]
         for l, net in enumerate(self.q_nets[1:], start=2):
-            a = fams[l].finish(net(h).float(), inplace=True)
+            a = fams[l].finish(self._own(net(h)), inplace=True)
             stats = fams[l].stats(a)
             h = fams[l].sample(a, log_stds[l], a.shape, generator, stats)
             hs.append(h)
@@ -301,7 +307,7 @@ class BiHM(nn.Module):
         layer above, then the prior's of h_L (b, or b + U y with a label node; y one-hot)."""
         fams = self._fams
         a = [
-            fams[l].finish(net(hs[l + 1]).float(), inplace=True)  # .float(): see _q_pass
+            fams[l].finish(self._own(net(hs[l + 1])), inplace=True)  # _own(): see _q_pass
             for l, net in enumerate(self.p_nets)
         ]
         return [*a, fams[-1].finish(self._top_pre(y))]
@@ -310,13 +316,13 @@ class BiHM(nn.Module):
         """The top prior's pre-activation: b, or b + U y for a one-hot label y."""
         if not self.n_classes:
             return self.prior_logits
-        return self.prior_logits + (y @ self.label_prior.T).float()
+        return self.prior_logits + self._own(y @ self.label_prior.T)
 
     def _q_label(self, h_below: Tensor, y: Tensor | None, generator: Generator) -> _Labels:
         """y for the label node: observed where y >= 0, else y ~ q(y | h_{L-1}) (drawn for
         every row, so the random streams do not depend on which labels are known).
         h_below (*, K, n_{L-1}); y (*,) class indices, -1 = missing, or None."""
-        log_q = torch.log_softmax(self.q_label(h_below).float(), -1)  # (*, K, C)
+        log_q = torch.log_softmax(self._own(self.q_label(h_below)), -1)  # (*, K, C)
         cdf = log_q.exp().cumsum(-1)
         u = uniform((*cdf.shape[:-1], 1), generator, cdf.device, cdf.dtype)
         drawn = (cdf < u * cdf[..., -1:]).sum(-1).clamp_(max=self.n_classes - 1)
@@ -573,18 +579,18 @@ class BiHM(nn.Module):
         if g_s is not None:
             log_std_grad(f"p_log_std_{L}", g_s)
         if lab is not None:
-            grads["label_prior"] = (_flat(g).T @ _flat(lab.onehot)).float()
+            grads["label_prior"] = self._own(_flat(g).T @ _flat(lab.onehot))
             p_y = torch.softmax(self.label_logits, -1)
             grads["label_logits"] = _flat(pc * (lab.onehot - p_y)).sum(0)
             y_coef = qc * (1 - lab.observed.unsqueeze(-1)) + pc * lab.observed.unsqueeze(-1)
             g = _flat(y_coef * (lab.onehot - lab.log_q.exp()))
-            grads["q_label.weight"] = (g.T @ _flat(hs[L - 1])).float()
+            grads["q_label.weight"] = self._own(g.T @ _flat(hs[L - 1]))
             grads["q_label.bias"] = g.sum(0)
         for l in range(L):
             g, g_s = fams[l].grad(hs[l], p_logits[l], p_s[l], pc)
             g = _flat(g)
-            # .float(): under bf16 autocast the product runs in bf16 (g rounded, h exact).
-            grads[f"p_nets.{l}.weight"] = (g.T @ _flat(hs[l + 1])).float()
+            # _own(): under bf16 autocast the product runs in bf16 (g rounded, h exact).
+            grads[f"p_nets.{l}.weight"] = self._own(g.T @ _flat(hs[l + 1]))
             grads[f"p_nets.{l}.bias"] = g.sum(0)
             if g_s is not None:
                 log_std_grad(f"p_log_std_{l}", g_s)
@@ -594,7 +600,7 @@ class BiHM(nn.Module):
             if l == 0:  # layer 1's logits are shared by the K samples: sum over k first
                 g, h_in = g.sum(-2), h_in[..., 0, :]
             g = _flat(g)
-            grads[f"q_nets.{l}.weight"] = (g.T @ _flat(h_in)).float()
+            grads[f"q_nets.{l}.weight"] = self._own(g.T @ _flat(h_in))
             grads[f"q_nets.{l}.bias"] = g.sum(0)
             if g_s is not None:
                 log_std_grad(f"q_log_std_{l + 1}", g_s)
