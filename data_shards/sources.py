@@ -28,7 +28,7 @@ SOURCE_ENV = "BIHM_DATA_SOURCE"  # binarized MNIST (.amat / .amat.gz)
 MNIST_SOURCE_ENV = "BIHM_MNIST_SOURCE"  # raw MNIST IDX files
 
 BINARIZED_MNIST_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"
-# sha256 of the decoded (N, 784) uint8 C-ordered array, from /work/shared/datasets/README.md.
+# sha256 of the decoded (N, 784) uint8 C-ordered array (../shared/datasets/README.md).
 BINARIZED_MNIST_SHA256 = {
     "train": "43490d4d6ac9002727af4426d8748609fdb7e4094fa65ad8d681ea60082a7a5a",
     "valid": "069b4f0beb389b776478c3e872b4df71c95ac4be64d7cbe6d32e24ebac8e6d5e",
