@@ -17,7 +17,7 @@ from data_shards import eval_loader, load_manifest, verify_shards
 from data_shards.bench import bench_loader
 from data_shards.cli import main as cli_main
 
-# From /work/shared/datasets/README.md: sha256 of the decoded (N, 784) uint8 arrays.
+# From ../shared/datasets/README.md: sha256 of the decoded (N, 784) uint8 arrays.
 EXPECTED = {
     "train": (50_000, "43490d4d6ac9002727af4426d8748609fdb7e4094fa65ad8d681ea60082a7a5a"),
     "valid": (10_000, "069b4f0beb389b776478c3e872b4df71c95ac4be64d7cbe6d32e24ebac8e6d5e"),
