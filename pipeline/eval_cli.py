@@ -76,8 +76,11 @@ def _eval(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from pipeline.evaluate import validate
 
-    # The Gibbs inpainting metrics are part of this report whatever the training cadence.
-    module, cfg = _load(args, ("validation.gibbs.every_n_epochs=1",))
+    module, cfg = _load(args)
+    if not cfg.model.labels:
+        # The Gibbs inpainting metrics are part of this report whatever the training cadence
+        # (not for a label node: Gibbs sampling with one is not implemented).
+        module, cfg = _load(args, ("validation.gibbs.every_n_epochs=1",))
     metrics, is_zero = validate(
         module, cfg, devices=args.devices, num_nodes=args.num_nodes, progress=not args.no_progress
     )

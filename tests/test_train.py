@@ -367,3 +367,10 @@ def test_labelled_model_trains_semi_supervised_and_eval_reports_test_error(tmp_p
     assert set(a["classification"]) == {"1", "20"}
     assert a["classification"]["20"]["pstar"] < 0.2 and a["classification"]["20"]["q"] < 0.2
     assert "classification error" in capsys.readouterr().out
+    # `bihm validate` reports the training-time metrics, Gibbs left out for a label node.
+    ckpt = str(run_dir / "checkpoints" / "last.ckpt")
+    val = tmp_path / "val.json"
+    assert main(["validate", "--checkpoint", ckpt, "--json", str(val), "--no-progress"]) == 0
+    metrics = json.loads(val.read_text())
+    assert metrics["val/error_q"] == float(rows[-1]["val/error_q"])
+    assert "val/gibbs_error" not in metrics
