@@ -16,14 +16,14 @@ DEFAULT_KS = [1, 10, 100, 1000, 10000]
 MASKS = ["bottom", "top", "left", "right"]
 
 
-def _load(args: argparse.Namespace, extra: tuple[str, ...] = ()):
-    """The checkpoint's module and config, with --set, --shards and `extra` overrides."""
+def _load(args: argparse.Namespace, with_gibbs: bool = False):
+    """The checkpoint's module and config, with --set and --shards overrides."""
     from pipeline.evaluate import load_checkpoint
 
-    overrides = [*args.set, *extra]
+    overrides = list(args.set)
     if args.shards is not None:
         overrides.append(f"data.shard_dir={args.shards}")
-    return load_checkpoint(args.checkpoint, overrides)
+    return load_checkpoint(args.checkpoint, overrides, with_gibbs=with_gibbs)
 
 
 def _gibbs_model(args: argparse.Namespace):
@@ -76,11 +76,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from pipeline.evaluate import validate
 
-    module, cfg = _load(args)
-    if not cfg.model.labels:
-        # The Gibbs inpainting metrics are part of this report whatever the training cadence
-        # (not for a label node: Gibbs sampling with one is not implemented).
-        module, cfg = _load(args, ("validation.gibbs.every_n_epochs=1",))
+    # The Gibbs inpainting metrics are part of this report whatever the training cadence.
+    module, cfg = _load(args, with_gibbs=True)
     metrics, is_zero = validate(
         module, cfg, devices=args.devices, num_nodes=args.num_nodes, progress=not args.no_progress
     )

@@ -30,8 +30,12 @@ from pipeline.config import (
 
 
 # --------------------------------------------------------------------------- loading
-def load_checkpoint(path: str | Path, overrides: list[str] = ()) -> tuple[BiHMModule, Config]:
-    """A BiHMModule and its Config from a Lightning .ckpt or a `BiHM.save` file."""
+def load_checkpoint(
+    path: str | Path, overrides: list[str] = (), with_gibbs: bool = False
+) -> tuple[BiHMModule, Config]:
+    """A BiHMModule and its Config from a Lightning .ckpt or a `BiHM.save` file.
+    `with_gibbs` turns the Gibbs inpainting validation on (every epoch), unless the model
+    has a label node (Gibbs sampling with one is not implemented)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
@@ -54,7 +58,7 @@ def load_checkpoint(path: str | Path, overrides: list[str] = ()) -> tuple[BiHMMo
         if model.n_classes:  # no Gibbs with a label node (see pipeline.config)
             data["validation"]["gibbs"]["every_n_epochs"] = 0
             data["samples"]["every_n_epochs"] = 0
-        cfg = config_from_dict(apply_overrides(data, list(overrides)))
+        cfg = config_from_dict(apply_overrides(data, _with_gibbs(data, overrides, with_gibbs)))
         module = BiHMModule(cfg.to_dict())
         module.model.load_state_dict(model.state_dict())
         return module, cfg
@@ -64,10 +68,16 @@ def load_checkpoint(path: str | Path, overrides: list[str] = ()) -> tuple[BiHMMo
         data = payload["hyper_parameters"]["config"]
     except (KeyError, TypeError):
         raise CheckpointError(f"{path} holds no bihm config (hyper_parameters.config)") from None
-    cfg = config_from_dict(apply_overrides(data, list(overrides)))
+    cfg = config_from_dict(apply_overrides(data, _with_gibbs(data, overrides, with_gibbs)))
     module = BiHMModule(cfg.to_dict())
     module.load_state_dict(payload["state_dict"])
     return module, cfg
+
+
+def _with_gibbs(data: dict, overrides: list[str], with_gibbs: bool) -> list[str]:
+    if with_gibbs and not data.get("model", {}).get("labels"):
+        return [*overrides, "validation.gibbs.every_n_epochs=1"]
+    return list(overrides)
 
 
 def _dataset_for(model: BiHM) -> str:
