@@ -164,6 +164,8 @@ def evaluate(
     progress: bool = True,
 ) -> tuple[dict[str, Any], bool]:
     """The authors' evaluation table as a dict; returns (result, is_global_zero)."""
+    from pipeline.train import release_process_group
+
     evaluator = EvalModule(
         module.model, Ks=Ks, z_samples=z_samples, z_inner=z_inner, z_chunk=z_chunk, seed=seed
     )
@@ -172,6 +174,7 @@ def evaluate(
     )
     trainer = _trainer(cfg, devices, num_nodes, progress)
     trainer.test(evaluator, datamodule=dm, verbose=False)
+    release_process_group()
     result = dict(evaluator.result)
     result.update(split=split, z_inner=z_inner, seed=seed, processes=trainer.world_size)
     return result, trainer.is_global_zero
@@ -218,11 +221,12 @@ def validate(
     """The training-time validation metrics (config's validation section, with Gibbs).
     The shards must be prepared: evaluation never writes into a checkpoint's data folder."""
     from data_shards import load_manifest
-    from pipeline.train import make_datamodule
+    from pipeline.train import make_datamodule, release_process_group
 
     load_manifest(cfg.data.shard_dir)  # a clear error naming the folder if it has no shards
     trainer = _trainer(cfg, devices, num_nodes, progress)
     trainer.validate(module, datamodule=make_datamodule(cfg), verbose=False)
+    release_process_group()
     return dict(module.epoch_metrics), trainer.is_global_zero
 
 

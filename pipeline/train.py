@@ -331,7 +331,15 @@ def build_callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
             monitor=monitor_metric(cfg),
             mode="max",
             save_top_k=1,
-            save_last=True,
+        ),
+        # last.ckpt, every epoch: --resume continues from the newest epoch. Not save_last on
+        # the callback above: Lightning 2.6 writes that one only in epochs that improve the
+        # monitored metric. Second, so that trainer.checkpoint_callback is the best one.
+        ModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            filename="last",
+            save_top_k=1,
+            enable_version_counter=False,
         ),
         # Before MetricsCSV, so that an epoch's val_time_s includes its sample pictures.
         SamplesCallback(run_dir, cfg),
@@ -501,6 +509,21 @@ def fit(trainer: pl.Trainer, module: pl.LightningModule, datamodule, ckpt_path: 
     finish_wandb(0)
 
 
+def release_process_group() -> None:
+    """Close the DDP process group that Lightning's launcher opened, once its work is done.
+
+    Lightning leaves the group open. At interpreter exit, gloo's threads are then destroyed
+    while still joinable and C++ aborts ("terminate called without an active exception"),
+    at random, after all the results were written. A barrier first, so no rank closes the
+    group while another still reduces over it.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def finish_wandb(exit_code: int) -> None:
     if "wandb" not in sys.modules:
         return
@@ -536,6 +559,7 @@ def run_training(
         cfg, run_dir, devices=devices, num_nodes=num_nodes, extra_callbacks=extra_callbacks
     )
     fit(trainer, module, datamodule, ckpt_path)
+    release_process_group()
     ckpt_cb = trainer.checkpoint_callback
     best = ckpt_cb.best_model_score if ckpt_cb is not None else None
     return {

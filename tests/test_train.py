@@ -77,7 +77,8 @@ def test_rws_runs_select_and_stop_on_validation_log_p(tmp_path):
         raw = tiny_config(tmp_path, tmp_path / "run", train={"objective": objective})
         callbacks = build_callbacks(config_from_dict(raw), tmp_path / "run")
         watching = [c.monitor for c in callbacks if isinstance(c, ModelCheckpoint | EarlyStopping)]
-        assert watching == [metric, metric], (objective, watching)
+        # best-*.ckpt and early stopping watch the metric; last.ckpt watches nothing.
+        assert watching == [metric, None, metric], (objective, watching)
 
 
 class PoisonAt(Callback):
@@ -217,6 +218,13 @@ def test_early_stopping_on_validation_log_ptilde_star(shards, tmp_path):
     assert [int(r["epoch"]) for r in rows] == [0, 1]
     assert rows[0]["val/log_ptilde_star"] == rows[1]["val/log_ptilde_star"]
     assert result["epochs"] == 2
+    # last.ckpt is the newest epoch even though epoch 1 did not improve (so --resume goes on
+    # from where the run stopped, not from its best epoch); best-*.ckpt stays at epoch 0.
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 2 * STEPS_PER_EPOCH
+    assert [p.name for p in (run_dir / "checkpoints").glob("best-*.ckpt")] == [
+        "best-epoch0000.ckpt"
+    ]
 
 
 def test_time_limit_stops_on_a_finished_validated_epoch(shards, tmp_path):
