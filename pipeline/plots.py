@@ -62,37 +62,78 @@ def save_panels(
 
 
 def save_curves(path: str | os.PathLike, rows: Sequence[dict[str, float]]) -> None:
-    """Learning curves from metrics rows (one per epoch): log-likelihoods, 2 log Z, errors."""
+    """Learning curves from metrics rows (one per epoch): log-likelihoods (all epochs, then
+    the validation estimates over the later half, where the first panel's scale hides the
+    differences), 2 log Z, inpainting errors (when Gibbs validation ran) and epoch times."""
     epochs = [r["epoch"] for r in rows]
 
     def series(key):
         return [r.get(key, float("nan")) for r in rows]
 
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
-    ax = axes[0]
-    for key, label in [
-        ("train/log_ptilde_star", "train log p~* (K train)"),
+    def measured(key):
+        pairs = [(e, v) for e, v in zip(epochs, series(key), strict=True) if not math.isnan(v)]
+        return [e for e, _ in pairs], [v for _, v in pairs]
+
+    has_errors = any(measured(key)[0] for key in ("val/gibbs_error", "val/recon_error"))
+    fig, axes = plt.subplots(1, 5 if has_errors else 4, figsize=(25 if has_errors else 20, 4))
+    axes = list(axes)
+    ax = axes.pop(0)
+    validation = [
         ("val/log_ptilde_star", "val log p~*"),
         ("val/log_p", "val log p"),
         ("val/log_pstar", "val log p*"),
-    ]:
+    ]
+    for key, label in [("train/log_ptilde_star", "train log p~* (K train)"), *validation]:
         ax.plot(epochs, series(key), marker=".", label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel("nats")
     ax.legend(fontsize=8)
     ax.set_title("log-likelihood estimates")
-    axes[1].plot(epochs, series("val/two_log_z"), marker=".")
-    axes[1].set_xlabel("epoch")
-    axes[1].set_title("2 log Z (validation estimate)")
-    ax = axes[2]
-    for key, label in [("val/gibbs_error", "Gibbs p* inpainting"), ("val/recon_error", "q-then-p")]:
-        xs = [e for e, v in zip(epochs, series(key), strict=True) if not math.isnan(v)]
-        ys = [v for v in series(key) if not math.isnan(v)]
-        ax.plot(xs, ys, marker="o", label=label)
+    ax = axes.pop(0)
+    half = epochs[len(epochs) // 2] if epochs else 0
+    for i, (key, label) in enumerate(validation, start=1):
+        xs, ys = measured(key)
+        late = [(e, v) for e, v in zip(xs, ys, strict=True) if e >= half]
+        # The colours of the first panel (its C0 is the training curve).
+        ax.plot([e for e, _ in late], [v for _, v in late], marker=".", color=f"C{i}", label=label)
+    # Mark where optim.switch changed the learning rate or K: a step in the curves often
+    # starts there. A schedule changes the lr every epoch; its lines would only be clutter.
+    lrs, Ks = series("train/lr"), series("train/K")
+    switches = [
+        j
+        for j in range(1, len(rows))
+        if epochs[j] >= half
+        and not (math.isnan(lrs[j - 1]) or math.isnan(Ks[j - 1]))
+        and (lrs[j] != lrs[j - 1] or Ks[j] != Ks[j - 1])
+    ]
+    for j in switches if len(switches) <= 3 else []:
+        ax.axvline(epochs[j], color="grey", linestyle=":", linewidth=1)
+        ax.annotate(
+            f" lr {lrs[j]:.0e}, K {Ks[j]:.0f}",
+            (epochs[j], 0.02),
+            xycoords=("data", "axes fraction"),
+            fontsize=7,
+            color="grey",
+        )
     ax.set_xlabel("epoch")
-    ax.set_title("masked-pixel error rate (bottom half)")
+    ax.set_ylabel("nats")
+    ax.set_title(f"validation estimates from epoch {half:.0f}")
     ax.legend(fontsize=8)
-    ax = axes[3]
+    ax = axes.pop(0)
+    ax.plot(epochs, series("val/two_log_z"), marker=".")
+    ax.set_xlabel("epoch")
+    ax.set_title("2 log Z (validation estimate)")
+    if has_errors:
+        ax = axes.pop(0)
+        for key, label in [
+            ("val/gibbs_error", "Gibbs p* inpainting"),
+            ("val/recon_error", "q-then-p"),
+        ]:
+            ax.plot(*measured(key), marker="o", label=label)
+        ax.set_xlabel("epoch")
+        ax.set_title("masked-pixel error rate (bottom half)")
+        ax.legend(fontsize=8)
+    ax = axes.pop(0)
     for key, label in [("train_time_s", "training"), ("val_time_s", "validation")]:
         ax.plot(epochs, series(key), marker=".", label=label)
     ax.set_xlabel("epoch")
