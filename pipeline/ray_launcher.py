@@ -285,8 +285,9 @@ def summarize(result, run_dir: Path, monitor: str) -> dict[str, Any]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     out["epochs"] = int(payload["epoch"]) + 1
     for key, state in payload.get("callbacks", {}).items():
-        # The monitored ModelCheckpoint holds the best; the unmonitored one writes last.ckpt.
-        if key.startswith("ModelCheckpoint") and "'monitor': None" not in key:
+        # The ModelCheckpoint that watches `monitor` holds the best (the unmonitored one
+        # writes last.ckpt).
+        if key.startswith("ModelCheckpoint") and state.get("monitor") == monitor:
             best = state.get("best_model_score")
             out["best"] = float(best) if best is not None else None
             out["best_path"] = state.get("best_model_path") or None

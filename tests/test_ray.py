@@ -425,3 +425,36 @@ def test_local_launcher_resume_continues_the_same_wandb_run(shards, tmp_path):
     assert [r["epoch"] for r in read_metrics(run_dir)] == ["0", "1"]
     assert_one_wandb_run(run_dir, resumes=1)
     assert_no_secret(run_dir)
+
+
+def test_summary_takes_the_best_from_the_monitored_checkpoint_callback(tmp_path):
+    """Two ModelCheckpoint states are saved (best-*.ckpt and last.ckpt); the summary's best
+    comes from the one that watches the metric, whatever their order."""
+    from contextlib import contextmanager
+
+    from ray.train.lightning import RayTrainReportCallback
+
+    from pipeline.ray_launcher import summarize
+
+    last = {"monitor": None, "best_model_score": None, "best_model_path": "c/last.ckpt"}
+    best = {"monitor": "val/log_p", "best_model_score": torch.tensor(-90.5)}
+    best["best_model_path"] = "c/best-epoch0003.ckpt"
+    payload = {
+        "epoch": 4,
+        "callbacks": {
+            "ModelCheckpoint{'monitor': 'val/log_p', 'mode': 'max'}": best,
+            "ModelCheckpoint{'monitor': None, 'mode': 'min'}": last,
+        },
+    }
+    torch.save(payload, tmp_path / RayTrainReportCallback.CHECKPOINT_NAME)
+
+    class Checkpoint:
+        @contextmanager
+        def as_directory(self):
+            yield str(tmp_path)
+
+    class Result:
+        checkpoint = Checkpoint()
+
+    out = summarize(Result(), tmp_path, "val/log_p")
+    assert (out["best"], out["best_path"], out["epochs"]) == (-90.5, "c/best-epoch0003.ckpt", 5)
