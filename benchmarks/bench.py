@@ -7,6 +7,11 @@ Work per sample is fixed by the model (bihm-math.md; issue "Performance"):
 Each workload's achieved FLOP/s is divided by the FLOP/s of a plain fp32 matmul of the
 dominant shape (B*K x 784) @ (784 x 300) measured in the same process: that ratio is what
 stays comparable on noisy, shared machines.
+
+Where bf16 matmuls are native (AVX512-BF16 or AMX CPUs, GPUs), the `bf16` entry repeats the
+training step and the epoch with train.precision bf16-mixed; its ratio is still against the
+fp32 matmul, so a ratio above 1 is the gain bf16 buys. Elsewhere bf16 is emulated, many
+times slower than fp32, and not measured.
 """
 
 from __future__ import annotations
@@ -80,9 +85,11 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def matmul_gflops(device: torch.device, rows: int, min_time: float) -> float:
-    a = torch.rand(rows, 784, device=device)
-    b = torch.rand(784, 300, device=device)
+def matmul_gflops(
+    device: torch.device, rows: int, min_time: float, dtype: torch.dtype = torch.float32
+) -> float:
+    a = torch.rand(rows, 784, device=device).to(dtype)
+    b = torch.rand(784, 300, device=device).to(dtype)
     seconds = timed(lambda: a @ b, device, min_time, warmup=5)
     return 2 * rows * 784 * 300 / seconds / 1e9
 
@@ -110,9 +117,19 @@ class _StepTimer(pl.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def bench_train(x: torch.Tensor, K: int, steps: int) -> float:
+def bf16_native(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively on `device` (else they are emulated, and slow)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    from pipeline.train import cpu_has_bf16
+
+    return cpu_has_bf16()
+
+
+def bench_train(x: torch.Tensor, K: int, steps: int, precision: str = "32-true") -> float:
     """Median seconds per training step of the real BiHMModule under a Lightning Trainer
-    (configs/bmnist_paper.yaml with train.K = K), on the fixed batch x."""
+    (configs/bmnist_paper.yaml with train.K = K), on the fixed batch x, in Lightning's
+    `precision` (32-true or bf16-mixed, as train.precision)."""
     from bihm.lightning import BiHMModule
     from pipeline.config import load_config
 
@@ -124,6 +141,7 @@ def bench_train(x: torch.Tensor, K: int, steps: int) -> float:
     trainer = pl.Trainer(
         accelerator=x.device.type,
         devices=1,
+        precision=precision,
         max_steps=steps,
         limit_val_batches=0,
         logger=False,
@@ -192,7 +210,8 @@ def run(
     """All workloads; `epoch` holds the keyword arguments of `bench_epoch` (shard_dir, limit,
     contention), or None to skip the whole-epoch measurement. Each workload's ratio uses the
     matmul GFLOP/s measured just before and just after it (their mean), so a change of load
-    on a shared machine during the run does not skew it."""
+    on a shared machine during the run does not skew it. Where bf16 is native, the training
+    step at K = 10 and the epoch are measured again in bf16-mixed (the `bf16` entry)."""
     device = torch.device(device_name)
     torch.manual_seed(0)
     model = BiHM(PAPER_SIZES).to(device)
@@ -215,6 +234,19 @@ def run(
         steps = max(10, int(min_time * 20_000 / (B * K)))
         result[f"train_k{K}"] = measure(
             f"train K={K}", lambda K=K, steps=steps: bench_train(x, K, steps), B * K, 8 * s
+        )
+    native = bf16_native(device)
+    result["bf16"] = {"native": native}
+    if native:
+        steps = max(10, int(min_time * 20_000 / (B * 10)))
+        result["bf16"]["matmul_gflops"] = matmul_gflops(
+            device, B * 10, min_time / 3, torch.bfloat16
+        )
+        result["bf16"]["train_k10"] = measure(
+            "train K=10, bf16-mixed",
+            lambda: bench_train(x, 10, steps, precision="bf16-mixed"),
+            B * 10,
+            8 * s,
         )
     say("training step: manual gradients against autograd ...")
     result["manual_vs_autograd"] = bench_manual_vs_autograd(x, 10, min_time)
@@ -247,6 +279,17 @@ def run(
     if epoch is not None:
         say("one epoch of configs/bmnist_paper.yaml ...")
         result["epoch_paper"] = bench_epoch(**epoch, progress=progress)
+        if native:
+            say("one epoch of configs/bmnist_paper.yaml, bf16-mixed ...")
+            train_s, val_s, _ = one_epoch(
+                epoch_overrides(epoch["shard_dir"], epoch.get("limit"), progress)
+                + ["train.precision=bf16-mixed"]
+            )
+            result["bf16"]["epoch_paper"] = {
+                "train_s": train_s,
+                "val_s": val_s,
+                "epoch_s": train_s + val_s,
+            }
     if device.type == "cuda":
         result["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     else:  # ru_maxrss is in KiB on Linux
@@ -255,6 +298,47 @@ def run(
 
 
 # --------------------------------------------------------------------------- whole epochs
+def epoch_overrides(shard_dir: str | os.PathLike, limit: int | None, progress: bool) -> list[str]:
+    """Config overrides of configs/bmnist_paper.yaml for one timed epoch: the Gibbs
+    validation and sample pictures off (`bench_epoch` times them apart), no wandb; `limit`
+    cuts the train and validation splits, and 2 log Z to 10 x limit samples (tests)."""
+    from pipeline.config import load_config
+
+    overrides = [
+        f"data.shard_dir={shard_dir}",
+        "validation.gibbs.every_n_epochs=0",
+        "samples.every_n_epochs=0",
+        "train.max_epochs=1",
+        "logging.wandb=off",
+        f"logging.progress_bar={str(progress).lower()}",
+    ]
+    if limit is not None:
+        z_samples = min(load_config(CONFIG).validation.z_samples, 10 * limit)
+        overrides += [
+            f"data.train_limit={limit}",
+            f"data.valid_limit={limit}",
+            f"validation.z_samples={z_samples}",
+        ]
+    return overrides
+
+
+def one_epoch(overrides: list[str]) -> tuple[float, float, torch.nn.Module]:
+    """One epoch through `run_training`, as `bihm train` runs it, in a temporary run folder:
+    its `train_time_s` and `val_time_s` from metrics.csv, and the trained model."""
+    import tempfile
+
+    from pipeline.config import load_config
+    from pipeline.train import run_training
+
+    with tempfile.TemporaryDirectory() as tmp:
+        epoch_cfg = load_config(CONFIG, [*overrides, f"run_dir={tmp}"])
+        keep = _KeepModel()
+        run_training(epoch_cfg, extra_callbacks=[keep])
+        with open(Path(tmp) / "metrics.csv", newline="") as f:
+            (row,) = list(csv.DictReader(f))
+        return float(row["train_time_s"]), float(row["val_time_s"]), keep.model
+
+
 def _busy_loop() -> subprocess.Popen:
     """A second CPU-bound process, as another user's job on a shared machine."""
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
@@ -278,40 +362,13 @@ def bench_epoch(
     - with `contention`, the same epoch again beside a busy-loop process: `contention_slowdown`.
     `limit` cuts the train and validation splits, and 2 log Z to 10 x limit samples (tests).
     """
-    import tempfile
-
     from bihm import evaluation as ev
     from bihm.lightning import half_mask
     from pipeline.config import load_config
-    from pipeline.train import run_training
 
     cfg = load_config(CONFIG)
-    overrides = [
-        f"data.shard_dir={shard_dir}",
-        "validation.gibbs.every_n_epochs=0",
-        "samples.every_n_epochs=0",
-        "train.max_epochs=1",
-        "logging.wandb=off",
-        f"logging.progress_bar={str(progress).lower()}",
-    ]
-    if limit is not None:
-        z_samples = min(cfg.validation.z_samples, 10 * limit)
-        overrides += [
-            f"data.train_limit={limit}",
-            f"data.valid_limit={limit}",
-            f"validation.z_samples={z_samples}",
-        ]
-
-    def one_epoch() -> tuple[float, float, torch.nn.Module]:
-        with tempfile.TemporaryDirectory() as tmp:
-            epoch_cfg = load_config(CONFIG, [*overrides, f"run_dir={tmp}"])
-            keep = _KeepModel()
-            run_training(epoch_cfg, extra_callbacks=[keep])
-            with open(Path(tmp) / "metrics.csv", newline="") as f:
-                (row,) = list(csv.DictReader(f))
-            return float(row["train_time_s"]), float(row["val_time_s"]), keep.model
-
-    train_s, val_s, model = one_epoch()
+    overrides = epoch_overrides(shard_dir, limit, progress)
+    train_s, val_s, model = one_epoch(overrides)
     out = {"train_s": train_s, "val_s": val_s, "epoch_s": train_s + val_s, "limit": limit}
     # Gibbs validation and sample pictures: seconds per chain and sweep, from one group.
     model.eval()
@@ -342,7 +399,7 @@ def bench_epoch(
     if contention:
         busy = _busy_loop()
         try:
-            b_train, b_val, _ = one_epoch()
+            b_train, b_val, _ = one_epoch(overrides)
         finally:
             busy.kill()
             busy.wait()
@@ -374,6 +431,16 @@ def format_table(result: dict) -> str:
             f"{key:<16}{w['samples_per_s']:>12.0f}{w['gflops']:>10.1f}"
             f"{w['matmul_gflops']:>10.1f}{w['ratio']:>8.2f}"
         )
+    b = result["bf16"]
+    if "train_k10" in b:
+        w = b["train_k10"]
+        lines.append(
+            f"{'train_k10 bf16':<16}{w['samples_per_s']:>12.0f}{w['gflops']:>10.1f}"
+            f"{w['matmul_gflops']:>10.1f}{w['ratio']:>8.2f}"
+            f"   (bf16 matmul {b['matmul_gflops']:.1f} GFLOP/s)"
+        )
+    elif not b["native"]:
+        lines.append("bf16: not native on this device (emulated, slow): not measured")
     m = result["manual_vs_autograd"]
     lines.append(
         f"training step at K={m['K']}: manual gradients {1e3 * m['manual_s']:.1f} ms, "
@@ -392,6 +459,12 @@ def format_table(result: dict) -> str:
                 f"beside a busy-loop process: {e['contention']['epoch_s']:.1f} s, "
                 f"{e['contention_slowdown']:.2f}x slower"
             )
+    if "epoch_paper" in result["bf16"]:
+        e = result["bf16"]["epoch_paper"]
+        lines.append(
+            f"epoch with train.precision bf16-mixed: {e['epoch_s']:.1f} s "
+            f"(train {e['train_s']:.1f} s, validation {e['val_s']:.1f} s, fp32)"
+        )
     lines.append(f"peak memory: {result['peak_mem_mb']:.0f} MB")
     return "\n".join(lines)
 
