@@ -191,11 +191,22 @@ class BiHMModule(_Collectives, pl.LightningModule):
                 self.log(key, value, prog_bar=key in prog_bar, sync_dist=True, reduce_fx="max")
 
     # ------------------------------------------------------------------ training
+    def resets_optimizer_at(self, epoch: int) -> bool:
+        """Whether `epoch` starts with a fresh Adam state (optim.switch.reset_optimizer)."""
+        s = self.optim_cfg.get("switch") or {}
+        return bool(s.get("reset_optimizer")) and s.get("epoch") == epoch
+
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # Set every step (not only at epoch start: Lightning skips the epoch-start hooks
         # when it resumes from a checkpoint written at an epoch end).
         lr = self.lr_at(self.current_epoch)
         for opt in self.trainer.optimizers:
+            if batch_idx == 0 and self.resets_optimizer_at(self.current_epoch):
+                # Adam re-creates a missing state at its next step: zero moments, step 0,
+                # so its bias correction starts over. Checkpoints are written at epoch
+                # ends only: a resume reaches this batch again only from a checkpoint
+                # written before the reset.
+                opt.state.clear()
             for group in opt.param_groups:
                 group["lr"] = lr
         if self._train_sums is None or self._train_sums_epoch != self.current_epoch:

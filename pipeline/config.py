@@ -141,6 +141,9 @@ class SwitchConfig:
     epoch: int | None = None
     K: int | None = None
     lr: float | None = None
+    reset_optimizer: bool = False
+    """Start `epoch` with a fresh Adam state (moments and step count), as the authors'
+    reload with a new lr and K had; false keeps the state."""
 
 
 @dataclass
@@ -373,12 +376,18 @@ def _check_range(cfg: Config) -> None:
         _fail("optim.min_factor", f"must be in [0, 1], got {o.min_factor}")
     s = o.switch
     if s.epoch is None:
-        if s.K is not None or s.lr is not None:
-            _fail("optim.switch.epoch", "must be set when optim.switch.K or .lr is set")
+        if s.K is not None or s.lr is not None or s.reset_optimizer:
+            _fail(
+                "optim.switch.epoch",
+                "must be set when optim.switch.K, .lr or .reset_optimizer is set",
+            )
     else:
         non_negative("optim.switch.epoch", s.epoch)
-        if s.K is None and s.lr is None:
-            _fail("optim.switch", "set K and/or lr to switch to at optim.switch.epoch")
+        if s.K is None and s.lr is None and not s.reset_optimizer:
+            _fail(
+                "optim.switch",
+                "set K, lr and/or reset_optimizer to switch to at optim.switch.epoch",
+            )
         positive("optim.switch.K", s.K, allow_none=True)
         positive("optim.switch.lr", s.lr, allow_none=True)
     v = cfg.validation

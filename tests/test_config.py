@@ -57,6 +57,8 @@ def test_smoke_config_is_tiny():
         ("logging.wandb=sometimes", "logging.wandb"),
         ("optim.betas=[0.9]", "optim.betas"),
         ("optim.switch.K=100", "optim.switch.epoch"),
+        ("optim.switch.reset_optimizer=true", "optim.switch.epoch"),
+        ("optim.switch.reset_optimizer=maybe", "optim.switch.reset_optimizer"),
         ("optim=3", "optim"),
         ("model.families=[gaussian, bernoulli]", "model.families"),
         ("model.families=[bernoulli, poisson, bernoulli]", "model.families[1]"),

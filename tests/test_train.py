@@ -67,6 +67,33 @@ def test_train_end_to_end_improves_and_writes_the_run_folder(shards, tmp_path):
         run_training(cfg)
 
 
+def _adam_steps(run_dir: Path) -> list[int]:
+    """Adam's step count per parameter in the run's last.ckpt."""
+    payload = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    (optimizer,) = payload["optimizer_states"]
+    return sorted({int(state["step"]) for state in optimizer["state"].values()})
+
+
+def test_switch_can_start_a_fresh_adam_state_once_also_across_a_resume(shards, tmp_path):
+    """optim.switch.reset_optimizer: the switch epoch starts with Adam's moments and step
+    count reset (the authors' reload); a resume after it keeps the new state."""
+    switch = {"epoch": 2, "lr": 3e-3}
+    for reset, expected in ((False, 3 * STEPS_PER_EPOCH), (True, STEPS_PER_EPOCH)):
+        run_dir = tmp_path / f"run_{reset}"
+        raw = tiny_config(
+            shards, run_dir, optim={"lr": 0.01, "switch": {**switch, "reset_optimizer": reset}}
+        )
+        run_training(config_from_dict(raw))
+        assert _adam_steps(run_dir) == [expected], reset
+    # Resumed for a fourth epoch: epoch 3 goes on from the fresh state of epoch 2.
+    raw["train"]["max_epochs"] = 4
+    run_training(config_from_dict(raw), resume=True)
+    assert _adam_steps(run_dir) == [2 * STEPS_PER_EPOCH]
+    assert [float(r["train/lr"]) for r in read_metrics(run_dir)] == pytest.approx(
+        [0.01, 0.01, 3e-3, 3e-3]
+    )
+
+
 def test_rws_runs_select_and_stop_on_validation_log_p(tmp_path):
     """log p~* is the BiHM's objective; an RWS model is judged by log p(x)."""
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
