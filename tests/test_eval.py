@@ -212,6 +212,47 @@ def test_eval_json_schema_and_two_processes(trained, tmp_path):
     assert proc.stdout.count("2 log Z") == 1
 
 
+def test_classification_error_from_two_processes_equals_one_process(tmp_path):
+    """A label node's test error, from q(y | x) and from p*(y | x), is reduced exactly
+    across ranks: 129 labelled examples in batches of 64, dealt unevenly to 2 processes."""
+    import numpy as np
+
+    from data_shards import write_shards
+
+    rng = np.random.default_rng(0)
+    protos = rng.random((10, 784)) < 0.25
+    data, labels = {}, {}
+    for split, n in (("train", 100), ("valid", 50), ("test", 129)):
+        labels[split] = rng.integers(0, 10, n)
+        data[split] = (protos[labels[split]] ^ (rng.random((n, 784)) < 0.03)).astype(np.uint8)
+    shards = tmp_path / "shards"
+    write_shards(data, shards, shard_size=500, source_hash="x", labels=labels, progress=False)
+    torch.manual_seed(0)
+    model = BiHM([784, 16, 8], n_classes=10)
+    with torch.no_grad():  # larger weights than at initialisation, and p(h_L | y) using y
+        for param in model.parameters():
+            param.mul_(4)
+        model.label_prior.normal_(0, 2)
+    model.save(tmp_path / "model.pt")
+    common = ["eval", "--checkpoint", str(tmp_path / "model.pt"), "--split", "test"]
+    common += ["--set", f"data.shard_dir={shards}", "--set", "train.accelerator=cpu"]
+    common += ["--samples", "1,20", "--z-samples", "500", "--z-chunk", "200"]
+    common += ["--batch-size", "64", "--no-progress"]
+    assert main([*common, "--json", str(tmp_path / "one.json")]) == 0
+    _run_cli([*common, "--devices", "2", "--json", str(tmp_path / "two.json")], tmp_path)
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert one["n_examples"] == 129 and (one["processes"], two["processes"]) == (1, 2)
+    errors = one["classification"]
+    assert list(errors) == ["1", "20"]
+    for err in errors.values():  # fractions of the 129 examples
+        for kind in ("q", "pstar"):
+            assert 0 <= err[kind] <= 1 and round(err[kind] * 129, 6) == int(round(err[kind] * 129))
+    assert errors["20"]["q"] != errors["20"]["pstar"]  # p*(y | x) is not q's answer again
+    one.pop("processes"), two.pop("processes")
+    _assert_same_numbers(one, two)
+
+
 # --------------------------------------------------------------------------- pictures, files
 def test_sample_and_inpaint_write_pictures(trained, tmp_path):
     out = tmp_path / "samples.png"
