@@ -60,7 +60,8 @@ class ModelConfig:
     layers: list[int] = field(
         default_factory=lambda: [784, 300, 200, 100, 75, 50, 35, 30, 25, 20, 15, 10, 10]
     )
-    """Layer sizes [n_0 = 784 pixels, n_1, ..., n_L]."""
+    """Layer sizes [n_0 = 784 pixels, n_1, ..., n_L]. An entry may also be a mapping
+    {size: 784, family: gaussian}; the config is then resolved into sizes and `families`."""
     families: list[Literal["bernoulli", "gaussian"]] | None = None
     """One distribution family per layer, parallel to `layers` (bihm/families.py);
     null: all Bernoulli (the paper's model). A Gaussian visible layer needs real-valued
@@ -407,9 +408,43 @@ def _check_range(cfg: Config) -> None:
     non_negative("seed", cfg.seed)
 
 
+# The family names of ModelConfig.families: list[Literal[...]] | None.
+_FAMILIES_LIST = typing.get_args(typing.get_type_hints(ModelConfig)["families"])[0]
+FAMILIES: tuple[str, ...] = typing.get_args(typing.get_args(_FAMILIES_LIST)[0])
+
+
+def _layer_entries(data: Any) -> Any:
+    """`model.layers` entries written as {size, family} mappings, resolved into the sizes
+    and a parallel `model.families` list (Bernoulli where an entry gives no family)."""
+    model = data.get("model") if isinstance(data, dict) else None
+    layers = model.get("layers") if isinstance(model, dict) else None
+    if not isinstance(layers, list) or not any(isinstance(e, dict) for e in layers):
+        return data
+    if model.get("families") is not None:
+        _fail("model.families", "give the families in model.layers entries or here, not both")
+    sizes, families = [], []
+    for i, entry in enumerate(layers):
+        if not isinstance(entry, dict):
+            entry = {"size": entry}
+        unknown = [k for k in entry if k not in ("size", "family")]
+        if unknown:
+            _fail(f"model.layers[{i}].{unknown[0]}", "unknown key (allowed here: size, family)")
+        if "size" not in entry:
+            _fail(f"model.layers[{i}]", f"a layer mapping needs a size, got {entry!r}")
+        family = entry.get("family", "bernoulli")
+        if family not in FAMILIES:
+            _fail(
+                f"model.layers[{i}].family",
+                f"must be one of {', '.join(FAMILIES)}; got {family!r}",
+            )
+        sizes.append(entry["size"])
+        families.append(family)
+    return {**data, "model": {**model, "layers": sizes, "families": families}}
+
+
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Validate a plain dict (a parsed YAML file or a checkpoint's copy) into a Config."""
-    cfg = _from_dict(Config, data)
+    cfg = _from_dict(Config, _layer_entries(data))
     _check_range(cfg)
     return cfg
 

@@ -63,6 +63,11 @@ def test_smoke_config_is_tiny():
         ("model.families=[gaussian, bernoulli]", "model.families"),
         ("model.families=[bernoulli, poisson, bernoulli]", "model.families[1]"),
         ("model.families=[gaussian, bernoulli, bernoulli]", "model.families"),  # binary data
+        ("model.layers=[{sise: 784}, 64, 16]", "model.layers[0].sise"),
+        ("model.layers=[{family: gaussian}, 64, 16]", "model.layers[0]"),
+        ("model.layers=[784, {size: 64, family: poisson}, 16]", "model.layers[1].family"),
+        ("model.layers=[784, {size: -64}, 16]", "model.layers[1]"),
+        ("model.layers=[{size: 784, family: gaussian}, 64, 16]", "model.families"),  # binary
         ("data.dataset=mnist_continuous", "model.families"),  # real data, Bernoulli x
         ("model.gaussian_std=0", "model.gaussian_std"),
         ("model.labels=10", "model.labels"),  # binarized MNIST has no labels
@@ -104,6 +109,19 @@ def test_overrides_are_typed_and_nested():
     assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
     with pytest.raises(ConfigError, match="key.path=value"):
         parse_override("optim.lr")
+
+
+def test_layer_entries_can_name_their_family(tmp_path):
+    """model.layers entries as {size, family} mappings resolve into sizes and families;
+    the saved config is the resolved form, and it loads again to the same config."""
+    overrides = ["model.layers=[{size: 784, family: gaussian}, {size: 64}, 16]"]
+    cfg = load_config(CONFIG_DIR / "smoke.yaml", [*overrides, "data.dataset=mnist_continuous"])
+    assert cfg.model.layers == [784, 64, 16]
+    assert cfg.model.families == ["gaussian", "bernoulli", "bernoulli"]
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    with pytest.raises(ConfigError, match="not both"):
+        load_config(CONFIG_DIR / "smoke.yaml", [*overrides, "model.families=[gaussian]"])
 
 
 def test_yaml_off_means_off_and_round_trip(tmp_path):
