@@ -23,20 +23,32 @@ def random_splits(sizes=None, seed=0) -> dict[str, np.ndarray]:
     return {name: (rng.random((n, 784)) < 0.3).astype(np.uint8) for name, n in sizes.items()}
 
 
-def make_shards(out_dir: Path, n_train=800, n_valid=200, n_test=200, seed=0) -> Path:
-    """Learnable binary 'digits': noisy copies of 6 random prototypes."""
+def make_shards(out_dir: Path, n_train=800, n_valid=200, n_test=200, seed=0, labels=False) -> Path:
+    """Learnable binary 'digits': noisy copies of 6 random prototypes; with `labels`, each
+    image's label is its prototype (0..5)."""
     from data_shards import write_shards
 
     rng = np.random.default_rng(seed)
     protos = rng.random((6, 784)) < 0.25
+    classes = {}
 
-    def split(n):
-        x = protos[rng.integers(0, len(protos), n)]
+    def split(name, n):
+        classes[name] = rng.integers(0, len(protos), n)
         flip = rng.random((n, 784)) < 0.03
-        return (x ^ flip).astype(np.uint8)
+        return (protos[classes[name]] ^ flip).astype(np.uint8)
 
-    data = {"train": split(n_train), "valid": split(n_valid), "test": split(n_test)}
-    write_shards(data, out_dir, shard_size=500, source_hash="test-generated", progress=False)
+    data = {
+        name: split(name, n)
+        for name, n in (("train", n_train), ("valid", n_valid), ("test", n_test))
+    }
+    write_shards(
+        data,
+        out_dir,
+        shard_size=500,
+        source_hash="test-generated",
+        labels=classes if labels else None,
+        progress=False,
+    )
     return out_dir
 
 

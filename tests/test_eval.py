@@ -215,18 +215,7 @@ def test_eval_json_schema_and_two_processes(trained, tmp_path):
 def test_classification_error_from_two_processes_equals_one_process(tmp_path):
     """A label node's test error, from q(y | x) and from p*(y | x), is reduced exactly
     across ranks: 129 labelled examples in batches of 64, dealt unevenly to 2 processes."""
-    import numpy as np
-
-    from data_shards import write_shards
-
-    rng = np.random.default_rng(0)
-    protos = rng.random((10, 784)) < 0.25
-    data, labels = {}, {}
-    for split, n in (("train", 100), ("valid", 50), ("test", 129)):
-        labels[split] = rng.integers(0, 10, n)
-        data[split] = (protos[labels[split]] ^ (rng.random((n, 784)) < 0.03)).astype(np.uint8)
-    shards = tmp_path / "shards"
-    write_shards(data, shards, shard_size=500, source_hash="x", labels=labels, progress=False)
+    shards = make_shards(tmp_path / "shards", n_train=100, n_valid=50, n_test=129, labels=True)
     torch.manual_seed(0)
     model = BiHM([784, 16, 8], n_classes=10)
     with torch.no_grad():  # larger weights than at initialisation, and p(h_L | y) using y
