@@ -14,6 +14,7 @@ import yaml
 
 from pipeline.cli import main
 from tests.conftest import make_shards, run_python, tiny_config
+from tests.rounding import assert_same_up_to_rounding, validation_tolerances
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,8 +66,11 @@ def test_ddp_training_with_two_gloo_processes(tmp_path):
         == 0
     )
     one = json.loads((tmp_path / "v.json").read_text())
-    for key in ("val/log_p", "val/log_ptilde_star", "val/two_log_z", "val/gibbs_error"):
-        assert float(rows[-1][key]) == pytest.approx(one[key], rel=1e-7), key
+    # 2 processes against 1: the same samples, float32 rounding may differ (tests/rounding.py).
+    keys = ("val/log_p", "val/log_ptilde_star", "val/two_log_z", "val/gibbs_error")
+    tol = validation_tolerances(one, z_samples=cfg["validation"]["z_samples"])
+    trained = {k: float(rows[-1][k]) for k in keys}
+    assert_same_up_to_rounding(trained, {k: one[k] for k in keys}, tol)
 
 
 @pytest.mark.slow

@@ -18,6 +18,12 @@ from pipeline.cli import main
 from pipeline.config import config_from_dict
 from pipeline.train import run_training
 from tests.conftest import make_shards, run_python, tiny_config
+from tests.rounding import (
+    assert_same_up_to_rounding,
+    eval_tolerances,
+    log_weight_rounding,
+    validation_tolerances,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,19 +44,6 @@ def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     proc = run_python(["-m", "pipeline.cli", *args], cwd)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
-
-
-def _assert_same_numbers(a, b, path=""):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for key in a:
-            _assert_same_numbers(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, float):
-        # float32 per-example values, float64 sums added in another order; the sem formula
-        # (sum of squares minus n mean^2) magnifies the last bits of the mean.
-        assert math.isclose(a, b, rel_tol=1e-7, abs_tol=1e-9), (path, a, b)
-    else:
-        assert a == b, (path, a, b)
 
 
 # --------------------------------------------------------------------------- unit level
@@ -98,12 +91,14 @@ def test_per_example_estimates_do_not_depend_on_batch_size_or_order(K):
     perm = torch.randperm(10)
     for batch in (1, 3, 7):
         got = _estimates(model, x[perm], idx[perm], K, seed=3, batch=batch)
+        # The same samples; the matmuls' blocking may differ with the row count, so the
+        # float32 log weights may round differently: by DELTA per example, which moves
+        # log p and log p~* by DELTA and the ESS by a factor exp(4 DELTA) (tests/rounding.py).
+        delta = log_weight_rounding(ref["log_ptilde_star"][perm])
         for name, value in got.items():
-            # The same samples; only the matmul's blocking may differ with the row count,
-            # by an ulp of float32 log-weights of size ~500 (3e-5), which the ESS
-            # exp(2 S_1/2 - S_1) turns into a relative 3e-5.
-            rtol = 1e-4 if name.startswith("ess") else 1e-6
-            torch.testing.assert_close(value, ref[name][perm], rtol=rtol, atol=0)
+            want = ref[name][perm]
+            tol = torch.expm1(4 * delta) * want if name.startswith("ess") else delta
+            assert ((value - want).abs() <= tol).all(), (name, (value - want).abs().max())
     assert (ref["log_ptilde_star"] <= ref["log_p"] + 1e-9).all()
     assert ((1 <= ref["ess_p"]) & (ref["ess_p"] <= ref["ess_pstar"] + 1e-6)).all()
     assert (ref["ess_pstar"] <= K + 1e-6).all()
@@ -150,7 +145,8 @@ def test_validation_metrics_from_two_ddp_processes_equal_one_process(trained, tm
         "val/gibbs_error",
         "val/recon_error",
     } <= one.keys()
-    _assert_same_numbers(one, two)
+    # The same samples; float32 rounding may differ (see tests/rounding.py). 700: z_samples.
+    assert_same_up_to_rounding(one, two, validation_tolerances(one, z_samples=700))
     # The training run validated the same weights with the same seeds: same numbers again.
     import csv
 
@@ -206,8 +202,9 @@ def test_eval_json_schema_and_two_processes(trained, tmp_path):
     assert main([*common, "--batch-size", "50", "--json", str(tmp_path / "b50.json")]) == 0
     b50 = json.loads((tmp_path / "b50.json").read_text())
     one.pop("processes"), two.pop("processes"), b50.pop("processes")
-    _assert_same_numbers(one, two)
-    _assert_same_numbers(one, b50)
+    # The same samples; float32 rounding may differ (see tests/rounding.py).
+    assert_same_up_to_rounding(one, two, eval_tolerances(one))
+    assert_same_up_to_rounding(one, b50, eval_tolerances(one))
     assert "log p~*" in proc.stdout and "2 log Z" in proc.stdout  # the table, from rank 0 only
     assert proc.stdout.count("2 log Z") == 1
 
@@ -239,7 +236,7 @@ def test_classification_error_from_two_processes_equals_one_process(tmp_path):
             assert 0 <= err[kind] <= 1 and round(err[kind] * 129, 6) == int(round(err[kind] * 129))
     assert errors["20"]["q"] != errors["20"]["pstar"]  # p*(y | x) is not q's answer again
     one.pop("processes"), two.pop("processes")
-    _assert_same_numbers(one, two)
+    assert_same_up_to_rounding(one, two, eval_tolerances(one))  # error counts: equal
 
 
 # --------------------------------------------------------------------------- pictures, files
@@ -282,7 +279,9 @@ def test_eval_accepts_a_bihm_save_file(trained, tmp_path):
     a = json.loads((tmp_path / "a.json").read_text())
     b = json.loads((tmp_path / "b.json").read_text())
     a.pop("checkpoint"), b.pop("checkpoint")
-    _assert_same_numbers(a, b)  # same weights, same seeds: same numbers
+    # Same weights, same seeds: the same numbers, but for rounding (the checkpoint's config
+    # sets 1 CPU thread, the bare model's default config all cores: other BLAS blocking).
+    assert_same_up_to_rounding(a, b, eval_tolerances(a))
 
 
 def test_eval_on_a_non_checkpoint_is_a_clear_error(tmp_path, capsys):
