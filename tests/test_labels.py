@@ -10,8 +10,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from bihm import BiHM
+from bihm import evaluation as ev
 from tests.exact import all_binary, hidden_grid
 
 C = 3
@@ -225,3 +227,101 @@ def test_bad_labels_are_rejected(model):
         model.gibbs_step(model.sample_p(2), proposals=2, inner=2)
     with pytest.raises(ValueError, match="n_classes"):
         BiHM([4, 3], n_classes=-1)
+
+
+# --------------------------------------------------------------------------- classification errors
+def random_label_model(seed: int, scale: float) -> BiHM:
+    """A float64 model with a label node and random weights (q not fitted to p)."""
+    torch.manual_seed(seed)
+    model = BiHM([4, 3, 2], n_classes=C)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, scale)
+    return model.double()
+
+
+def exact_class_posteriors(model: BiHM, K: int) -> dict[str, tuple[Tensor, Tensor]]:
+    """For every x: the exact q(y | x) and p*(y | x), each with the standard error of
+    `BiHM.classify`'s estimate from K samples h_k ~ q(h | x), (X, C) each:
+
+        q(y | x)  = E_q q(y | h),                     SE^2 = Var_q q(y | h) / K
+        p*(y | x) = E_q s(h, y) / E_q S(h),           SE^2 = E_q (s - p* S)^2 / (K (E_q S)^2)
+        s(h, y) = sqrt(p(x, h, y) q(y | h) / q(h | x)),   S(h) = sum_y s(h, y)
+
+    (the second a ratio estimator, its standard error by the delta method)."""
+    with torch.no_grad():
+        _, log_p, log_q_h, log_q_y = joint(model)
+    w = log_q_h.exp()[..., None]  # q(h | x), (X, H, 1)
+    q_y = log_q_y.exp()
+    q = (w * q_y).sum(1)
+    q_se = ((w * (q_y - q[:, None]) ** 2).sum(1) / K).sqrt()
+    s = (0.5 * (log_p + log_q_y - log_q_h[..., None])).exp()
+    S = s.sum(-1, keepdim=True)
+    mean_S = (w * S).sum(1)  # (X, 1)
+    pstar = (w * s).sum(1) / mean_S
+    p_se = ((w * (s - pstar[:, None] * S) ** 2).sum(1) / K).sqrt() / mean_S
+    return {"q": (q, q_se), "pstar": (pstar, p_se)}
+
+
+def clear_argmax(probs: Tensor, se: Tensor, z: float = 5.0) -> Tensor:
+    """Inputs whose exact argmax leads every other class by z standard errors of the
+    difference (at most the sum of the two SEs): the estimate's argmax is then the exact
+    one but with probability ~1e-6."""
+    top = probs.argmax(-1, keepdim=True)
+    lead = probs.gather(-1, top) - probs
+    room = z * (se.gather(-1, top) + se)
+    others = torch.ones_like(probs, dtype=torch.bool).scatter(-1, top, False)
+    return ((lead > room) | ~others).all(-1)
+
+
+def test_classification_errors_equal_their_exact_values():
+    """`classification_errors` counts the argmax errors of q(y | x) and of p*(y | x), each its
+    own: with a random q, the exact q(y | x) and p*(y | x) pick different classes for most
+    inputs, and the labels are chosen so that the two exact counts differ."""
+    K = 40_000
+    model = random_label_model(seed=1, scale=1.0)
+    post = exact_class_posteriors(model, K)
+    xs = all_binary(model.layer_sizes[0]).double()
+    keep = clear_argmax(*post["q"]) & clear_argmax(*post["pstar"])
+    best_q, best_p = post["q"][0].argmax(-1)[keep], post["pstar"][0].argmax(-1)[keep]
+    assert keep.sum() >= 12 and (best_q != best_p).sum() >= 8
+    # Inputs in even places are labelled by q's answer, in odd places by p*'s.
+    y = torch.where(torch.arange(len(best_q)) % 2 == 0, best_q, best_p)
+    expected = {"q": float((best_q != y).sum()), "pstar": float((best_p != y).sum())}
+    assert expected["q"] != expected["pstar"] and min(expected.values()) > 0
+    idx = torch.arange(len(y)) + 500
+    errors = ev.classification_errors(model, xs[keep], y, idx, K, seed=4)
+    assert errors == {"n": float(len(y)), **expected}
+
+
+def _errors_by_batches(model, x, y, idx, K, seed, batch):
+    total = {"n": 0.0, "q": 0.0, "pstar": 0.0}
+    for i in range(0, x.shape[0], batch):
+        part = ev.classification_errors(
+            model, x[i : i + batch], y[i : i + batch], idx[i : i + batch], K, seed
+        )
+        total = {k: total[k] + part[k] for k in total}
+    return total
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_classification_errors_do_not_depend_on_batches_or_order(K):
+    """Example idx[i]'s samples come from its own streams (seed, CLASSIFY, K, idx[i]): the
+    summed errors over one-example batches, the whole batch and shuffled batches of 3 and
+    7 are equal. A near-chance model (small weights, p*(y | x) close to uniform) makes each
+    error depend on the samples, so streams keyed otherwise would change the sums. float64:
+    an argmax moves only on a tie within float64 rounding."""
+    model = random_label_model(seed=2, scale=0.3)
+    gen = torch.Generator().manual_seed(0)
+    n = 60
+    x = (torch.rand(n, 4, generator=gen) < 0.5).double()
+    y = torch.randint(0, C, (n,), generator=gen)
+    idx = torch.arange(n) + 1000
+    whole = _errors_by_batches(model, x, y, idx, K, 7, n)
+    assert 0.4 < whole["pstar"] / n < 0.9  # near chance (2/3)
+    perm = torch.randperm(n, generator=gen)
+    for batch in (1, 3, 7):
+        xs, ys, ids = (x, y, idx) if batch == 1 else (x[perm], y[perm], idx[perm])
+        assert _errors_by_batches(model, xs, ys, ids, K, 7, batch) == whole, batch
+    # The counts do depend on the samples: another seed gives others.
+    assert _errors_by_batches(model, x, y, idx, K, 8, n) != whole
