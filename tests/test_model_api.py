@@ -93,6 +93,36 @@ def test_estimates_reduce_the_float32_log_weights_in_float64():
         torch.testing.assert_close(getattr(est, name).double(), value, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("objective", ["bihm", "rws"])
+@pytest.mark.parametrize("labels", [False, True])
+def test_loss_diagnostics_are_the_estimators_on_the_same_draws(objective, labels):
+    """The training step reports log p, log p~* and the ESS of its own weights from its K
+    draws; `estimates` with the same generator draws the same h (and y) and must give the
+    same batch means: log p = mean(logsumexp d - log K), log p~* = mean(2 (logsumexp d/2 -
+    log K)), ESS of d/2 (BiHM) or of d (RWS). float64 throughout, so the two differ only by
+    the order of a few float64 sums (1e-12 relative is ~1e4 ulps of room)."""
+    torch.manual_seed(5)
+    model = BiHM([10, 6, 4], n_classes=3 if labels else 0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 1.5)
+    model = model.double()
+    x = binary(12, 10).double()
+    y = torch.tensor([0, -1, 2, 1, -1, -1, 2, 0, 1, -1, 0, 2]) if labels else None
+    K = 7
+    out = model.loss(x, K, objective, generator=torch.Generator().manual_seed(3), y=y)
+    est = model.estimates(x, K, generator=torch.Generator().manual_seed(3), y=y)
+    ess = est.ess_pstar if objective == "bihm" else est.ess_p
+    for got, want in (
+        (out.log_p, est.log_p.mean()),
+        (out.log_ptilde_star, est.log_ptilde_star.mean()),
+        (out.ess, ess.mean()),
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    # log p~* < log p strictly here (the weights vary), so a wrong scale could not hide.
+    assert float(out.log_ptilde_star) < float(out.log_p) - 0.1
+
+
 def test_same_seed_same_samples():
     model = BiHM([8, 5, 3])
     x = binary(3, 8)
