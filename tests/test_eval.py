@@ -198,13 +198,15 @@ def test_eval_json_schema_and_two_processes(trained, tmp_path):
         assert one["log_pstar"][k]["mean"] == pytest.approx(
             one["log_ptilde_star"][k]["mean"] - one["two_log_z"]["value"]
         )
-    # Another batch size: the same samples per example, so the same numbers.
-    assert main([*common, "--batch-size", "50", "--json", str(tmp_path / "b50.json")]) == 0
-    b50 = json.loads((tmp_path / "b50.json").read_text())
-    one.pop("processes"), two.pop("processes"), b50.pop("processes")
+    # Batches of one example: the same samples per example, but the matmuls take the BLAS's
+    # matrix-vector path, which rounds otherwise than the 64-row kernel: here the ESS
+    # moved by 3e-6 (float32 log-sum-exps) or 7e-7 (float64), against rel_tol 1e-7 before.
+    assert main([*common, "--batch-size", "1", "--json", str(tmp_path / "b1.json")]) == 0
+    b1 = json.loads((tmp_path / "b1.json").read_text())
+    one.pop("processes"), two.pop("processes"), b1.pop("processes")
     # The same samples; float32 rounding may differ (see tests/rounding.py).
     assert_same_up_to_rounding(one, two, eval_tolerances(one))
-    assert_same_up_to_rounding(one, b50, eval_tolerances(one))
+    assert_same_up_to_rounding(one, b1, eval_tolerances(one))
     assert "log p~*" in proc.stdout and "2 log Z" in proc.stdout  # the table, from rank 0 only
     assert proc.stdout.count("2 log Z") == 1
 
