@@ -98,6 +98,7 @@ def make_datamodule(cfg: Config, **overrides: Any) -> PreparingDataModule:
         valid_limit=d.valid_limit,
         test_limit=d.test_limit,
         with_labels=cfg.model.labels > 0,
+        train_eval=cfg.validation.train_examples,
     )
     kwargs.update(overrides)
     return PreparingDataModule(dataset=d.dataset, **kwargs)
