@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from data_shards.shards import load_manifest, verify_shards
+from data_shards.sources import DataError
 from data_shards.stream import EpochDataLoader, eval_loader, train_loader
 
 
@@ -27,6 +28,9 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
     *training* images, scored like the validation images to show the generalization gap:
     0 (the default) none, None as many as the validation images in use, n that many.
     `val_splits` names the validation loaders in order ("valid", then "train" if any).
+    `train_shard_dir` streams the training split from other shards with the same images in
+    the same order, e.g. their grey sources for dynamic binarization (`data_shards.grey`);
+    validation, test and the training subset still come from `shard_dir`.
     Shards of dynamically binarized MNIST are resampled per (seed, epoch, idx) in training and
     drawn once, with a fixed seed independent of `seed`, for validation and test; continuous
     MNIST (x in [0, 1), float32) is dequantized the same way.
@@ -48,6 +52,7 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
         verify_sha256: bool = True,
         with_labels: bool = False,
         train_eval: int | None = 0,
+        train_shard_dir: str | os.PathLike | None = None,
     ):
         super().__init__()
         self.shard_dir = shard_dir
@@ -63,6 +68,8 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
         if train_eval is not None and train_eval < 0:
             raise ValueError(f"train_eval must be >= 0 or None, got {train_eval}")
         self.train_eval = train_eval
+        self.train_shard_dir = train_shard_dir
+        self.train_manifest: dict | None = None
         self.manifest: dict | None = None
         self._verified = False
         # A tiny evaluation subset may leave some ranks without a sample (e.g. valid_limit=1
@@ -72,9 +79,26 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.manifest is None:
             self.manifest = load_manifest(self.shard_dir)
+            self.train_manifest = self.manifest
+            if self.train_shard_dir is not None:
+                self.train_manifest = load_manifest(self.train_shard_dir)
+                self._check_train_shards()
         if self.verify_sha256 and not self._verified:
             verify_shards(self.shard_dir, self.manifest)
+            if self.train_shard_dir is not None:
+                verify_shards(self.train_shard_dir, self.train_manifest)
             self._verified = True
+
+    def _check_train_shards(self) -> None:
+        """The training shards must hold as many training images as `shard_dir`'s: index i
+        is the same digit in both (the train-eval subset reads it from `shard_dir`)."""
+        want = self.manifest["splits"]["train"]["count"]
+        have = self.train_manifest["splits"].get("train", {}).get("count")
+        if have != want:
+            raise DataError(
+                f"{self.train_shard_dir}: {have} training images, but {self.shard_dir} has "
+                f"{want}; the two must hold the same images in the same order"
+            )
 
     def split_size(self, split: str) -> tuple[int, int]:
         """(images in the split, images used): the used ones are spread over the split."""
@@ -101,7 +125,7 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
         self.setup()
         rank, world_size = self.rank_and_world_size()
         return train_loader(
-            self.shard_dir,
+            self.shard_dir if self.train_shard_dir is None else self.train_shard_dir,
             rank=rank,
             world_size=world_size,
             batch_size=self.batch_size,
@@ -112,7 +136,7 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
             limit=self.limits["train"],
             epoch_fn=self._current_epoch if self.trainer is not None else None,
             verify_sha256=False,  # done once in setup()
-            manifest=self.manifest,
+            manifest=self.train_manifest,
             with_labels=self.with_labels,
         )
 

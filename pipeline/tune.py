@@ -9,6 +9,7 @@ A sweep file (YAML) names a base training config and a search space over its dot
       optim.lr: {loguniform: [1.0e-3, 1.0e-2]}
       train.K: {choice: [5, 10]}
       model.layers: {choice: [[784, 32, 16], [784, 64, 16]]}
+      set: {grid: [{}, {optim.l2: 1.0e-4, optim.lr: 3.0e-3}]}   # bundles ("recipes")
     metric: val/log_ptilde_star  # reported every epoch; mode max
     num_samples: 4
     max_epochs: 3
@@ -73,6 +74,9 @@ METRICS = (
 DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
 # Keys each trial sets itself.
 RESERVED_KEYS = ("name", "run_dir")
+# The search key whose values are bundles of settings, searched as one: e.g. a grid over
+# recipes that differ in several keys at once, which a product of per-key grids cannot say.
+BUNDLE_KEY = "set"
 
 
 class SweepInterrupted(RuntimeError):
@@ -174,8 +178,12 @@ def _plain(value: Any) -> Any:
 
 
 def apply_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    """The base config dict with each `dotted.key: value` set."""
-    return apply_overrides(base, [_override(k, v) for k, v in params.items()])
+    """The base config dict with each `dotted.key: value` set; the search key `set` holds a
+    whole bundle of them (a recipe: {optim.l2: 1.0e-4, data.binarization: dynamic})."""
+    pairs: list[tuple[str, Any]] = []
+    for key, value in params.items():
+        pairs += list(value.items()) if key == BUNDLE_KEY else [(key, value)]
+    return apply_overrides(base, [_override(k, v) for k, v in pairs])
 
 
 def _resolve_base(sweep_path: Path, base: str) -> Path:
@@ -206,7 +214,16 @@ def _parse_param(where: str, key: Any, spec: Any) -> Param:
     if kind in ("choice", "grid"):
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{what}: {kind} needs a non-empty list of values, got {values!r}")
+        if key == BUNDLE_KEY and not all(
+            isinstance(v, dict) and all(isinstance(k, str) and k for k in v) for v in values
+        ):
+            raise ConfigError(
+                f"{what}: each value must map dotted config keys to values, e.g. "
+                f"[{{}}, {{optim.l2: 1.0e-4}}]; got {values!r}"
+            )
         return Param(key, kind, tuple(values))
+    if key == BUNDLE_KEY:
+        raise ConfigError(f"{what}: bundles of settings are searched with choice or grid")
     # YAML 1.1 reads 1e-3 (no dot) as a string: accept numbers written either way.
     try:
         if not isinstance(values, list) or len(values) != 2:
@@ -358,6 +375,8 @@ def trial_config(settings: TrialSettings, params: dict[str, Any], trial_id: str)
     data["name"] = f"{settings.sweep_name}-{trial_id}"
     data["run_dir"] = str(Path(settings.sweep_dir) / TRIALS_DIR / trial_id)
     data["data"]["shard_dir"] = str(Path(settings.cwd) / data["data"]["shard_dir"])
+    if data["data"].get("grey_shard_dir"):
+        data["data"]["grey_shard_dir"] = str(Path(settings.cwd) / data["data"]["grey_shard_dir"])
     data["train"]["max_epochs"] = settings.max_epochs
     if data["train"].get("cpu_threads") is None:
         data["train"]["cpu_threads"] = settings.cpu_threads
