@@ -86,7 +86,7 @@ def run_ray_training(
     try:
         gpus = resolve_gpus(cfg, gpus_per_worker)
         check_resources(workers, cpus_per_worker, gpus)
-        result = fit_on_ray(
+        fit_on_ray(
             cfg,
             run_dir=run_dir,
             shard_dir=shard_dir,
@@ -99,7 +99,7 @@ def run_ray_training(
     finally:
         if started:
             ray.shutdown()
-    return summarize(result, run_dir, monitor_metric(cfg))
+    return summarize(run_dir, monitor_metric(cfg))
 
 
 def check_options(
@@ -266,10 +266,16 @@ def first_error(err: BaseException) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
-def summarize(result, run_dir: Path, monitor: str) -> dict[str, Any]:
-    """run_training's summary from the last checkpoint reported to Ray."""
-    from ray.train.lightning import RayTrainReportCallback
+def summarize(run_dir: Path, monitor: str) -> dict[str, Any]:
+    """run_training's summary, read from the run folder's last.ckpt.
 
+    Not from the last checkpoint reported to Ray: RayTrainReportCallback reports in
+    on_train_epoch_end, and Lightning runs the ModelCheckpoint callbacks after every other
+    callback, so that checkpoint holds the best of the epoch before (a best-*.ckpt that
+    save_top_k=1 has since deleted, when the last epoch is the best). last.ckpt is written
+    by the second ModelCheckpoint, after the first one recorded this epoch's best: its state
+    is what the local launcher reads from `trainer.checkpoint_callback`.
+    """
     out: dict[str, Any] = {
         "run_dir": str(run_dir),
         "best": None,
@@ -278,11 +284,10 @@ def summarize(result, run_dir: Path, monitor: str) -> dict[str, Any]:
         "epochs": 0,
         "global_rank": 0,
     }
-    if result.checkpoint is None:
+    last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    if not last.is_file():  # not one epoch finished
         return out
-    with result.checkpoint.as_directory() as folder:
-        path = Path(folder) / RayTrainReportCallback.CHECKPOINT_NAME
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = torch.load(last, map_location="cpu", weights_only=True)
     out["epochs"] = int(payload["epoch"]) + 1
     for key, state in payload.get("callbacks", {}).items():
         # The ModelCheckpoint that watches `monitor` holds the best (the unmonitored one
