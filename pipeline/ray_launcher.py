@@ -30,6 +30,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_only
 
 from bihm.lightning import BiHMModule
+from pipeline import quiet
 from pipeline.config import Config, config_from_dict
 from pipeline.train import (
     TrainingError,
@@ -237,6 +238,7 @@ def fit_on_ray(
             "accelerator": "gpu" if use_gpu else "cpu",
             "cpus_per_worker": cpus_per_worker,
             "callbacks": extra_callbacks,
+            "verbose": quiet.is_verbose(),
         },
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources
@@ -310,6 +312,7 @@ def train_worker(config: dict[str, Any]) -> None:
         prepare_trainer,
     )
 
+    quiet.install(verbose=config.get("verbose", True))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     # Known before the Trainer exists, for everything that runs on rank 0 only.
