@@ -367,6 +367,8 @@ class TrialSettings:
     """The driver's working directory, against which relative data paths are resolved."""
     max_epochs: int
     cpu_threads: int
+    verbose: bool = True
+    """False: the trial hides the known noise of the libraries, as `bihm` does by default."""
 
 
 def trial_config(settings: TrialSettings, params: dict[str, Any], trial_id: str) -> dict:
@@ -392,8 +394,10 @@ def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
     """
     from ray import tune
 
+    from pipeline import quiet
     from pipeline.train import run_training
 
+    quiet.install(verbose=settings.verbose)
     trial_id = tune.get_context().get_trial_id()
     cfg = config_from_dict(trial_config(settings, params, trial_id))
     run_dir = cfg.resolved_run_dir()
@@ -424,6 +428,8 @@ def build_trainable(sweep: Sweep, cwd: str | os.PathLike | None = None) -> Any:
     """
     from ray import tune
 
+    from pipeline import quiet
+
     cpu, gpu = sweep.spec.resources.cpu, sweep.spec.resources.gpu
     settings = TrialSettings(
         sweep_name=sweep.name,
@@ -432,6 +438,7 @@ def build_trainable(sweep: Sweep, cwd: str | os.PathLike | None = None) -> Any:
         cwd=str(Path(cwd or os.getcwd()).resolve()),
         max_epochs=sweep.max_epochs,
         cpu_threads=max(1, int(cpu)),
+        verbose=quiet.is_verbose(),
     )
 
     def bihm_trial(params: dict[str, Any]) -> None:
