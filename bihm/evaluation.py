@@ -28,6 +28,7 @@ from bihm.rng import RowStreams, make_generator
 
 # Purposes mixed into the seeds, so that no two uses share random numbers.
 TRAIN, LOG_LIKELIHOOD, LOG_Z, GIBBS, RECONSTRUCT, SAMPLES_P, SAMPLES_PSTAR, CLASSIFY = range(1, 9)
+TRAIN_EVAL = 9  # the training subset scored at each validation (BiHMModule)
 
 # Gibbs chains advanced together: each scores (S + 1) x inner configurations of every
 # layer per sweep (~70 MB per chain for the paper model with S = 1000, inner = 10).
@@ -90,17 +91,20 @@ def log_pstar_sem(log_ptilde_star_sem: float, two_log_z_sem: float) -> float:
 
 # --------------------------------------------------------------------------- estimators
 @torch.no_grad()
-def estimates(model: BiHM, x: Tensor, idx: Tensor, K: int, seed: int) -> Estimates:
+def estimates(
+    model: BiHM, x: Tensor, idx: Tensor, K: int, seed: int, purpose: int = LOG_LIKELIHOOD
+) -> Estimates:
     """Per-example log p(x), log p~*(x) and both ESS with K samples h_k ~ q(h | x), batched.
 
-    Example idx[i] draws its samples from the stream (seed, LOG_LIKELIHOOD, K, idx[i]),
-    so its estimates do not depend on the batch, the rank or the process count.
+    Example idx[i] draws its samples from the stream (seed, purpose, K, idx[i]), so its
+    estimates do not depend on the batch, the rank or the process count. `purpose` keeps
+    the streams of different splits apart (TRAIN_EVAL for the training subset).
     Returns float64 tensors of shape (B,).
     """
     if x.shape[0] == 0:
         empty = torch.empty(0, dtype=torch.float64, device=x.device)
         return Estimates(empty, empty, empty, empty)
-    streams = RowStreams.keyed(x.device, seed, LOG_LIKELIHOOD, K, keys=idx)
+    streams = RowStreams.keyed(x.device, seed, purpose, K, keys=idx)
     est = model.estimates(x, K, generator=streams)
     return Estimates(*(getattr(est, f.name).double() for f in dataclasses.fields(est)))
 

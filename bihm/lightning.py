@@ -33,14 +33,21 @@ IMAGE_SHAPE = (28, 28)
 # Running sums of a training epoch and of a validation, by name (see evaluation.Sums).
 TRAIN_SUMS = ["n", "loss", "log_p", "log_ptilde_star", "ess"]
 VAL_ESTIMATES = ["log_p", "log_ptilde_star", "ess_pstar", "ess_p"]
-VAL_SUMS = [n for name in VAL_ESTIMATES for n in ev.moment_names(name)] + [
-    "gibbs",
-    "recon",
-    "masked",
-    "class.n",
-    "class.q",
-    "class.pstar",
-]
+# The training subset scored at each validation (the generalization gap): its log p and
+# log p~* under the same K and 2 log Z as the validation images.
+TRAIN_EVAL_ESTIMATES = ["log_p", "log_ptilde_star"]
+VAL_SUMS = (
+    [n for name in VAL_ESTIMATES for n in ev.moment_names(name)]
+    + [n for name in TRAIN_EVAL_ESTIMATES for n in ev.moment_names(f"train_eval.{name}")]
+    + [
+        "gibbs",
+        "recon",
+        "masked",
+        "class.n",
+        "class.q",
+        "class.pstar",
+    ]
+)
 
 
 def model_from_config(model_cfg: dict[str, Any]) -> BiHM:
@@ -198,8 +205,17 @@ class BiHMModule(_Collectives, pl.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # Set every step (not only at epoch start: Lightning skips the epoch-start hooks
-        # when it resumes from a checkpoint written at an epoch end).
-        lr = self.lr_at(self.current_epoch)
+        # when it resumes from a checkpoint written at an epoch end). All of Adam's
+        # hyper-parameters come from the config, not only lr: a resume restores the
+        # checkpoint's optimizer param_groups over configure_optimizers', so a betas, eps
+        # or weight_decay changed with `--resume --set` would otherwise be dropped.
+        o = self.optim_cfg
+        hyper = {
+            "lr": self.lr_at(self.current_epoch),
+            "betas": (float(o["betas"][0]), float(o["betas"][1])),
+            "eps": float(o["eps"]),
+            "weight_decay": float(o["weight_decay"]),
+        }
         for opt in self.trainer.optimizers:
             if batch_idx == 0 and self.resets_optimizer_at(self.current_epoch):
                 # Adam re-creates a missing state at its next step: zero moments, step 0,
@@ -208,7 +224,7 @@ class BiHMModule(_Collectives, pl.LightningModule):
                 # written before the reset.
                 opt.state.clear()
             for group in opt.param_groups:
-                group["lr"] = lr
+                group.update(hyper)
         if self._train_sums is None or self._train_sums_epoch != self.current_epoch:
             self._train_sums = ev.Sums(TRAIN_SUMS, self.device)
             self._train_sums_epoch = self.current_epoch
@@ -227,6 +243,7 @@ class BiHMModule(_Collectives, pl.LightningModule):
             generator=g,
             y=y,
         )
+        penalized = out.loss + self.weight_penalty()
         loss = out.loss.detach()
         # No host sync here: the finiteness flag is read once, in on_before_optimizer_step.
         self._loss_finite = torch.isfinite(loss)
@@ -241,7 +258,24 @@ class BiHMModule(_Collectives, pl.LightningModule):
         ):
             sums.add(name, value * B)
         self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        return out.loss
+        return penalized
+
+    def weight_penalty(self) -> Tensor | float:
+        """optim.l2 * sum W^2 + optim.l1 * sum |W| over the weight matrices of p and q
+        (`BiHM.weight_matrices`), per example: added to the batch-mean loss, its gradient
+        2 l2 W + l1 sign(W) reaches Adam with the objective's (a coupled penalty, as the
+        authors' cost + L1/L2, not decoupled weight decay). 0.0 when both are 0."""
+        l1 = float(self.optim_cfg.get("l1", 0.0))
+        l2 = float(self.optim_cfg.get("l2", 0.0))
+        if l1 == 0.0 and l2 == 0.0:
+            return 0.0
+        penalty = 0.0
+        for w in self.model.weight_matrices():
+            if l2:
+                penalty = penalty + l2 * w.square().sum()
+            if l1:
+                penalty = penalty + l1 * w.abs().sum()
+        return penalty
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Stop before a non-finite loss or gradient reaches the weights, on every rank.
@@ -279,11 +313,30 @@ class BiHMModule(_Collectives, pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_sums = ev.Sums(VAL_SUMS, self.device)
 
-    def validation_step(self, batch, batch_idx: int) -> None:
+    def _val_split(self, dataloader_idx: int) -> str:
+        """The split of a validation loader: "valid", or "train" for the training subset
+        that the data module adds (`val_splits`, BinarizedMNISTDataModule)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        return getattr(datamodule, "val_splits", ("valid",))[dataloader_idx]
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         # Evaluation stays fp32 under train.precision bf16-mixed: Lightning wraps this step
         # in the training precision's autocast, which would round the estimates' matmuls.
         with torch.autocast(self.device.type, enabled=False):
-            self._validation_step(batch)
+            if self._val_split(dataloader_idx) == "train":
+                self._train_eval_step(batch)
+            else:
+                self._validation_step(batch)
+
+    def _train_eval_step(self, batch) -> None:
+        """Training images scored exactly as validation images: the same K, and per-example
+        streams keyed by (seed, TRAIN_EVAL, K, index), so the numbers do not depend on the
+        batch or the ranks either."""
+        x, idx = batch[0], batch[1]
+        v = self.val_cfg
+        est = ev.estimates(self.model, x, idx, int(v["K"]), int(v["seed"]), ev.TRAIN_EVAL)
+        for name in TRAIN_EVAL_ESTIMATES:
+            self._val_sums.add_moments(f"train_eval.{name}", getattr(est, name))
 
     def _validation_step(self, batch) -> None:
         x, idx = batch[0], batch[1]
@@ -344,6 +397,22 @@ class BiHMModule(_Collectives, pl.LightningModule):
             "val/ess_pstar": ev.moments_mean_and_sem(sums, "ess_pstar")[0],
             "val/ess_p": ev.moments_mean_and_sem(sums, "ess_p")[0],
         }
+        if sums["train_eval.log_p.n"] > 0:
+            # The same 2 log Z as the validation's: the gap in log p* is the gap in log p~*.
+            tp, tp_sem = ev.moments_mean_and_sem(sums, "train_eval.log_p")
+            tpt, tpt_sem = ev.moments_mean_and_sem(sums, "train_eval.log_ptilde_star")
+            m.update(
+                {
+                    "train_eval/n": sums["train_eval.log_p.n"],
+                    "train_eval/log_p": tp,
+                    "train_eval/log_p_sem": tp_sem,
+                    "train_eval/log_ptilde_star": tpt,
+                    "train_eval/log_ptilde_star_sem": tpt_sem,
+                    "train_eval/log_pstar": tpt - two_log_z,
+                    "gap/log_p": tp - lp,
+                    "gap/log_pstar": tpt - lpt,
+                }
+            )
         if sums["class.n"] > 0:
             m["val/error_q"] = sums["class.q"] / sums["class.n"]
             m["val/error_pstar"] = sums["class.pstar"] / sums["class.n"]

@@ -189,6 +189,12 @@ class BiHM(nn.Module):
             self.q_label = nn.Linear(sizes[-2], n_classes)
         self.reset_parameters()
 
+    def weight_matrices(self) -> list[nn.Parameter]:
+        """The weight matrices W^p_l and W^q_l of the two nets: what an L1/L2 penalty acts
+        on. Not the biases c_l, the top prior b, the label node or a Gaussian layer's log
+        sigmas, whose scale carries no notion of "simpler"."""
+        return [net.weight for net in [*self.p_nets, *self.q_nets]]
+
     @property
     def n_latent(self) -> int:
         """L, the number of latent layers."""

@@ -16,7 +16,14 @@ if TYPE_CHECKING:
     from data_shards.stream import eval_loader, train_loader
 
 # What `prepare` can write (and `data.dataset` in a config can name).
-DATASETS = ("binarized_mnist", "mnist_static", "mnist_dynamic", "mnist_continuous")
+DATASETS = (
+    "binarized_mnist",
+    "mnist_static",
+    "mnist_dynamic",
+    "mnist_continuous",
+    # The grey sources of binarized_mnist's training images, in its order (data_shards.grey).
+    "binarized_mnist_grey",
+)
 
 _HOMES = {
     "BinarizedMNISTDataModule": "data_shards.datamodule",

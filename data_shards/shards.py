@@ -339,6 +339,10 @@ def prepare(
     """
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    if dataset == "binarized_mnist_grey":
+        from data_shards.grey import prepare_grey
+
+        return prepare_grey(out_dir, source, shard_size=shard_size, progress=progress)
     out_dir = Path(out_dir)
     identity = _expected_identity(dataset, shard_size, seed)
     manifest, reason = _up_to_date(out_dir, identity)

@@ -4,6 +4,8 @@ Building the parser imports no torch or Lightning, so `bihm --help` answers at o
 sub-command's module registers its flags and imports the heavy code in its handler. A
 `bihm.errors.UserError` (a bad file, key, flag or field) or an OSError ends as one line,
 `bihm <cmd>: error: ...`, with exit status 2; `--debug` shows the traceback instead.
+Known harmless warnings and log lines of the libraries are hidden (pipeline/quiet.py);
+`--verbose` shows them.
 """
 
 from __future__ import annotations
@@ -153,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--debug", action="store_true", help="show the traceback of errors in your input too"
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show every warning and log line of the libraries, also those hidden by default "
+        "as known and harmless (see pipeline/quiet.py)",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True)
     from data_shards.cli import register as register_data
 
@@ -178,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from pipeline import quiet
+
+    quiet.install(verbose=args.verbose)  # before any command imports Lightning or Ray
     from bihm.errors import UserError
 
     try:

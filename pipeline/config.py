@@ -97,6 +97,15 @@ class DataConfig:
     train_limit: int | None = None
     valid_limit: int | None = None
     test_limit: int | None = None
+    binarization: Literal["fixed", "dynamic"] = "fixed"
+    """binarized_mnist only. fixed: train on the fixed binarized training images (the
+    paper). dynamic: re-draw every training image's pixels from the grey MNIST image it was
+    binarized from, a fresh draw each epoch (a function of seed, epoch and image), written
+    once to grey_shard_dir. Validation, test and the training subset scored at validation
+    stay the fixed binarized images. Trains on more information than the fixed set."""
+    grey_shard_dir: str | None = None
+    """dynamic binarization: the folder of the grey training images, in the order of the
+    fixed set; null = shard_dir + "_grey". Prepared automatically when missing."""
 
 
 @dataclass
@@ -153,12 +162,22 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     weight_decay: float = 0.0
+    """torch.optim.Adam's weight_decay: adds weight_decay * theta to the gradient of EVERY
+    parameter, biases and top prior included. Kept for old configs; l2 is the authors'
+    weights-only penalty."""
     schedule: Literal["constant", "cosine", "exponential", "step"] = "constant"
     """Learning-rate factor per epoch: constant 1; cosine from 1 to min_factor over
     max_epochs; exponential gamma**epoch; step gamma**(epoch // step_size)."""
     gamma: float = 1.0
     step_size: int = 100
     min_factor: float = 0.0
+    l2: float = 0.0
+    """Per-example L2 penalty l2 * sum W^2 on the weight matrices W^p_l and W^q_l only (no
+    biases, top prior, label node or Gaussian scales), added to the loss, so Adam sees its
+    gradient 2 l2 W (coupled, as the authors' cost + L2; not decoupled weight decay). The
+    authors' flag v on a cost summed over 100 examples is l2 = v / 100."""
+    l1: float = 0.0
+    """Per-example L1 penalty l1 * sum |W| on the same weight matrices as l2."""
     switch: SwitchConfig = field(default_factory=SwitchConfig)
 
 
@@ -187,6 +206,10 @@ class ValidationConfig:
     id and shared round-robin between ranks: the estimate does not depend on the ranks."""
     seed: int = 1234
     """Seeds the per-example generators: the same samples every epoch and on any rank count."""
+    train_examples: int | None = None
+    """Training images (fixed, spread over the split) also scored at every validation with
+    the same K and 2 log Z, logged as train_eval/* with the gap/* to validation: null = as
+    many as the validation images in use, 0 = none."""
     gibbs: GibbsValidationConfig = field(default_factory=GibbsValidationConfig)
 
 
@@ -351,6 +374,12 @@ def _check_range(cfg: Config) -> None:
             f"a {visible} visible layer does not fit data.dataset {cfg.data.dataset} "
             "(a Gaussian x needs mnist_continuous, a Bernoulli x binary data)",
         )
+    if cfg.data.binarization == "dynamic" and cfg.data.dataset != "binarized_mnist":
+        _fail(
+            "data.binarization",
+            f"dynamic applies to data.dataset binarized_mnist, not {cfg.data.dataset} "
+            "(mnist_dynamic is dynamically binarized throughout)",
+        )
     if not cfg.name or "/" in cfg.name:
         _fail("name", f"must be a non-empty name without '/', got {cfg.name!r}")
     d = cfg.data
@@ -371,6 +400,8 @@ def _check_range(cfg: Config) -> None:
         _fail("optim.betas", f"must be two numbers in [0, 1), got {o.betas}")
     positive("optim.eps", o.eps)
     non_negative("optim.weight_decay", o.weight_decay)
+    non_negative("optim.l2", o.l2)
+    non_negative("optim.l1", o.l1)
     positive("optim.gamma", o.gamma)
     positive("optim.step_size", o.step_size)
     if not 0 <= o.min_factor <= 1:
@@ -395,6 +426,8 @@ def _check_range(cfg: Config) -> None:
     for key in ("K", "z_samples", "z_inner", "z_chunk"):
         positive(f"validation.{key}", getattr(v, key))
     non_negative("validation.seed", v.seed)
+    if v.train_examples is not None:
+        non_negative("validation.train_examples", v.train_examples)
     g = v.gibbs
     non_negative("validation.gibbs.every_n_epochs", g.every_n_epochs)
     for key in ("examples", "chains", "proposals", "inner"):

@@ -75,7 +75,9 @@ def save_curves(path: str | os.PathLike, rows: Sequence[dict[str, float]]) -> No
         return [e for e, _ in pairs], [v for _, v in pairs]
 
     has_errors = any(measured(key)[0] for key in ("val/gibbs_error", "val/recon_error"))
-    fig, axes = plt.subplots(1, 5 if has_errors else 4, figsize=(25 if has_errors else 20, 4))
+    has_gap = bool(measured("train_eval/log_pstar")[0])
+    panels = 4 + has_errors + has_gap
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
     axes = list(axes)
     ax = axes.pop(0)
     validation = [
@@ -119,6 +121,8 @@ def save_curves(path: str | os.PathLike, rows: Sequence[dict[str, float]]) -> No
     ax.set_ylabel("nats")
     ax.set_title(f"validation estimates from epoch {half:.0f}")
     ax.legend(fontsize=8)
+    if has_gap:
+        _gap_panel(axes.pop(0), measured)
     ax = axes.pop(0)
     ax.plot(epochs, series("val/two_log_z"), marker=".")
     ax.set_xlabel("epoch")
@@ -142,6 +146,26 @@ def save_curves(path: str | os.PathLike, rows: Sequence[dict[str, float]]) -> No
     ax.legend(fontsize=8)
     fig.tight_layout()
     _atomic_savefig(fig, path)
+
+
+def _gap_panel(ax, measured) -> None:
+    """Training images against validation images, both scored at validation's K with the
+    same 2 log Z (train_eval/* and val/*), and the gap between them on a second axis: the
+    generalization gap, which the K-train, epoch-averaged train/* columns cannot show."""
+    for key, label, color in [
+        ("train_eval/log_pstar", "train images log p*", "C0"),
+        ("val/log_pstar", "validation log p*", "C3"),
+    ]:
+        ax.plot(*measured(key), marker=".", color=color, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("nats")
+    twin = ax.twinx()
+    twin.plot(*measured("gap/log_pstar"), color="grey", linestyle="--", label="gap (right)")
+    twin.set_ylabel("train - validation (nats)")
+    lines = ax.get_legend_handles_labels()
+    more = twin.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8)
+    ax.set_title("training vs validation at equal K")
 
 
 def save_trial_curves(

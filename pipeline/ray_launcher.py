@@ -30,6 +30,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_only
 
 from bihm.lightning import BiHMModule
+from pipeline import quiet
 from pipeline.config import Config, config_from_dict
 from pipeline.train import (
     TrainingError,
@@ -86,7 +87,7 @@ def run_ray_training(
     try:
         gpus = resolve_gpus(cfg, gpus_per_worker)
         check_resources(workers, cpus_per_worker, gpus)
-        result = fit_on_ray(
+        fit_on_ray(
             cfg,
             run_dir=run_dir,
             shard_dir=shard_dir,
@@ -99,7 +100,7 @@ def run_ray_training(
     finally:
         if started:
             ray.shutdown()
-    return summarize(result, run_dir, monitor_metric(cfg))
+    return summarize(run_dir, monitor_metric(cfg))
 
 
 def check_options(
@@ -237,6 +238,7 @@ def fit_on_ray(
             "accelerator": "gpu" if use_gpu else "cpu",
             "cpus_per_worker": cpus_per_worker,
             "callbacks": extra_callbacks,
+            "verbose": quiet.is_verbose(),
         },
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources
@@ -266,10 +268,16 @@ def first_error(err: BaseException) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
-def summarize(result, run_dir: Path, monitor: str) -> dict[str, Any]:
-    """run_training's summary from the last checkpoint reported to Ray."""
-    from ray.train.lightning import RayTrainReportCallback
+def summarize(run_dir: Path, monitor: str) -> dict[str, Any]:
+    """run_training's summary, read from the run folder's last.ckpt.
 
+    Not from the last checkpoint reported to Ray: RayTrainReportCallback reports in
+    on_train_epoch_end, and Lightning runs the ModelCheckpoint callbacks after every other
+    callback, so that checkpoint holds the best of the epoch before (a best-*.ckpt that
+    save_top_k=1 has since deleted, when the last epoch is the best). last.ckpt is written
+    by the second ModelCheckpoint, after the first one recorded this epoch's best: its state
+    is what the local launcher reads from `trainer.checkpoint_callback`.
+    """
     out: dict[str, Any] = {
         "run_dir": str(run_dir),
         "best": None,
@@ -278,11 +286,10 @@ def summarize(result, run_dir: Path, monitor: str) -> dict[str, Any]:
         "epochs": 0,
         "global_rank": 0,
     }
-    if result.checkpoint is None:
+    last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    if not last.is_file():  # not one epoch finished
         return out
-    with result.checkpoint.as_directory() as folder:
-        path = Path(folder) / RayTrainReportCallback.CHECKPOINT_NAME
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = torch.load(last, map_location="cpu", weights_only=True)
     out["epochs"] = int(payload["epoch"]) + 1
     for key, state in payload.get("callbacks", {}).items():
         # The ModelCheckpoint that watches `monitor` holds the best (the unmonitored one
@@ -305,6 +312,7 @@ def train_worker(config: dict[str, Any]) -> None:
         prepare_trainer,
     )
 
+    quiet.install(verbose=config.get("verbose", True))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     # Known before the Trainer exists, for everything that runs on rank 0 only.

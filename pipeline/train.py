@@ -81,6 +81,8 @@ class PreparingDataModule(BinarizedMNISTDataModule):
 
     def prepare_data(self) -> None:
         ensure_shards(self.shard_dir, self.dataset)
+        if self.train_shard_dir is not None:  # data.binarization: dynamic
+            ensure_shards(self.train_shard_dir, "binarized_mnist_grey")
 
 
 def make_datamodule(cfg: Config, **overrides: Any) -> PreparingDataModule:
@@ -98,9 +100,19 @@ def make_datamodule(cfg: Config, **overrides: Any) -> PreparingDataModule:
         valid_limit=d.valid_limit,
         test_limit=d.test_limit,
         with_labels=cfg.model.labels > 0,
+        train_eval=cfg.validation.train_examples,
+        train_shard_dir=grey_shard_dir(cfg),
     )
     kwargs.update(overrides)
     return PreparingDataModule(dataset=d.dataset, **kwargs)
+
+
+def grey_shard_dir(cfg: Config) -> str | None:
+    """Where the grey training images of `data.binarization: dynamic` live (None: fixed)."""
+    d = cfg.data
+    if d.binarization != "dynamic":
+        return None
+    return d.grey_shard_dir or f"{d.shard_dir.rstrip('/')}_grey"
 
 
 def ensure_shards(shard_dir: str | os.PathLike, dataset: str = "binarized_mnist") -> None:

@@ -9,6 +9,7 @@ A sweep file (YAML) names a base training config and a search space over its dot
       optim.lr: {loguniform: [1.0e-3, 1.0e-2]}
       train.K: {choice: [5, 10]}
       model.layers: {choice: [[784, 32, 16], [784, 64, 16]]}
+      set: {grid: [{}, {optim.l2: 1.0e-4, optim.lr: 3.0e-3}]}   # bundles ("recipes")
     metric: val/log_ptilde_star  # reported every epoch; mode max
     num_samples: 4
     max_epochs: 3
@@ -73,6 +74,9 @@ METRICS = (
 DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
 # Keys each trial sets itself.
 RESERVED_KEYS = ("name", "run_dir")
+# The search key whose values are bundles of settings, searched as one: e.g. a grid over
+# recipes that differ in several keys at once, which a product of per-key grids cannot say.
+BUNDLE_KEY = "set"
 
 
 class SweepInterrupted(RuntimeError):
@@ -174,8 +178,12 @@ def _plain(value: Any) -> Any:
 
 
 def apply_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    """The base config dict with each `dotted.key: value` set."""
-    return apply_overrides(base, [_override(k, v) for k, v in params.items()])
+    """The base config dict with each `dotted.key: value` set; the search key `set` holds a
+    whole bundle of them (a recipe: {optim.l2: 1.0e-4, data.binarization: dynamic})."""
+    pairs: list[tuple[str, Any]] = []
+    for key, value in params.items():
+        pairs += list(value.items()) if key == BUNDLE_KEY else [(key, value)]
+    return apply_overrides(base, [_override(k, v) for k, v in pairs])
 
 
 def _resolve_base(sweep_path: Path, base: str) -> Path:
@@ -206,7 +214,16 @@ def _parse_param(where: str, key: Any, spec: Any) -> Param:
     if kind in ("choice", "grid"):
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{what}: {kind} needs a non-empty list of values, got {values!r}")
+        if key == BUNDLE_KEY and not all(
+            isinstance(v, dict) and all(isinstance(k, str) and k for k in v) for v in values
+        ):
+            raise ConfigError(
+                f"{what}: each value must map dotted config keys to values, e.g. "
+                f"[{{}}, {{optim.l2: 1.0e-4}}]; got {values!r}"
+            )
         return Param(key, kind, tuple(values))
+    if key == BUNDLE_KEY:
+        raise ConfigError(f"{what}: bundles of settings are searched with choice or grid")
     # YAML 1.1 reads 1e-3 (no dot) as a string: accept numbers written either way.
     try:
         if not isinstance(values, list) or len(values) != 2:
@@ -350,6 +367,8 @@ class TrialSettings:
     """The driver's working directory, against which relative data paths are resolved."""
     max_epochs: int
     cpu_threads: int
+    verbose: bool = True
+    """False: the trial hides the known noise of the libraries, as `bihm` does by default."""
 
 
 def trial_config(settings: TrialSettings, params: dict[str, Any], trial_id: str) -> dict:
@@ -358,6 +377,8 @@ def trial_config(settings: TrialSettings, params: dict[str, Any], trial_id: str)
     data["name"] = f"{settings.sweep_name}-{trial_id}"
     data["run_dir"] = str(Path(settings.sweep_dir) / TRIALS_DIR / trial_id)
     data["data"]["shard_dir"] = str(Path(settings.cwd) / data["data"]["shard_dir"])
+    if data["data"].get("grey_shard_dir"):
+        data["data"]["grey_shard_dir"] = str(Path(settings.cwd) / data["data"]["grey_shard_dir"])
     data["train"]["max_epochs"] = settings.max_epochs
     if data["train"].get("cpu_threads") is None:
         data["train"]["cpu_threads"] = settings.cpu_threads
@@ -373,8 +394,10 @@ def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
     """
     from ray import tune
 
+    from pipeline import quiet
     from pipeline.train import run_training
 
+    quiet.install(verbose=settings.verbose)
     trial_id = tune.get_context().get_trial_id()
     cfg = config_from_dict(trial_config(settings, params, trial_id))
     run_dir = cfg.resolved_run_dir()
@@ -405,6 +428,8 @@ def build_trainable(sweep: Sweep, cwd: str | os.PathLike | None = None) -> Any:
     """
     from ray import tune
 
+    from pipeline import quiet
+
     cpu, gpu = sweep.spec.resources.cpu, sweep.spec.resources.gpu
     settings = TrialSettings(
         sweep_name=sweep.name,
@@ -413,6 +438,7 @@ def build_trainable(sweep: Sweep, cwd: str | os.PathLike | None = None) -> Any:
         cwd=str(Path(cwd or os.getcwd()).resolve()),
         max_epochs=sweep.max_epochs,
         cpu_threads=max(1, int(cpu)),
+        verbose=quiet.is_verbose(),
     )
 
     def bihm_trial(params: dict[str, Any]) -> None:

@@ -81,7 +81,20 @@ def validation_tolerances(metrics: dict, z_samples: int) -> dict[str, float]:
     delta = log_weight_rounding(metrics["val/log_ptilde_star"])
     sem_delta = delta / math.sqrt(metrics["val/n"] - 1)
     z_sem = _z_sem_rounding(delta, metrics["val/two_log_z_sem"], z_samples)
-    return {
+    tol = {}
+    if "train_eval/n" in metrics:  # the training subset, scored like the validation set
+        t_delta = log_weight_rounding(metrics["train_eval/log_ptilde_star"])
+        t_sem_delta = t_delta / math.sqrt(metrics["train_eval/n"] - 1)
+        tol = {
+            "train_eval/log_p": t_delta,
+            "train_eval/log_ptilde_star": t_delta,
+            "train_eval/log_pstar": t_delta + delta,
+            "train_eval/log_p_sem": t_sem_delta,
+            "train_eval/log_ptilde_star_sem": t_sem_delta,
+            "gap/log_p": t_delta + delta,
+            "gap/log_pstar": t_delta + delta,
+        }
+    return tol | {
         "val/log_p": delta,
         "val/log_ptilde_star": delta,
         "val/two_log_z": delta,

@@ -76,3 +76,38 @@ def test_loader_throughput_real_data(real_shards):
     for row in results["loader"]:
         assert row["samples"] == 50_000
         assert row["samples_per_s"] >= MIN_SAMPLES_PER_S, row
+
+
+@pytest.mark.slow
+def test_grey_sources_of_the_real_training_images(tmp_path):
+    """data.binarization: dynamic on the mirrors: every fixed training image gets a grey
+    MNIST source it could have been drawn from (no impossible pixel), one to one with the
+    validation images' sources, in the fixed set's order."""
+    from data_shards import prepare
+    from data_shards.sources import load_binarized_mnist
+
+    out = tmp_path / "grey"
+    manifest = prepare(out, mirror(), dataset="binarized_mnist_grey", progress=False)
+    assert manifest["binarization"] == "dynamic" and manifest["splits"]["train"]["count"] == 50_000
+    stats = manifest["match_stats"]
+    assert stats["images"] == 60_000 and stats["clear"] > 0.85 * 60_000, stats
+    assert stats["shared"] < 100, stats  # near-ties whose candidates were all taken
+    fixed = load_binarized_mnist(mirror()).splits["train"]
+    from data_shards.stream import SplitSpec, read_shard
+
+    spec = SplitSpec.from_manifest(out, manifest, "train")
+    intensities = np.zeros((50_000, 784), dtype=np.uint8)
+    seen = np.zeros(50_000, dtype=np.int64)
+    for shard in spec.shards:
+        for sample in read_shard(shard, spec):
+            intensities[sample.idx] = np.frombuffer(sample.payload, dtype=np.uint8)
+            seen[sample.idx] += 1
+    assert np.all(seen == 1)
+    assert not ((fixed == 1) & (intensities == 0)).any()  # x = 1 needs g > 0
+    assert not ((fixed == 0) & (intensities == 255)).any()  # x = 0 needs g < 255
+    # Not MNIST's order: the same-index grey image would make many pixels impossible.
+    from data_shards.grey import _mnist_source
+    from data_shards.sources import load_mnist
+
+    same_index = load_mnist(_mnist_source(mirror())).splits["train"]
+    assert ((fixed == 1) & (same_index == 0)).sum() > 1_000_000

@@ -144,7 +144,14 @@ def test_validation_metrics_from_two_ddp_processes_equal_one_process(trained, tm
         "val/log_pstar",
         "val/gibbs_error",
         "val/recon_error",
+        "train_eval/log_p",
+        "train_eval/log_ptilde_star",
+        "train_eval/log_pstar",
+        "gap/log_p",
+        "gap/log_pstar",
     } <= one.keys()
+    # As many training images as validation images, spread over the 800 (idx 0, 6, 12, ...).
+    assert one["train_eval/n"] == 129.0
     # The same samples; float32 rounding may differ (see tests/rounding.py). 700: z_samples.
     assert_same_up_to_rounding(one, two, validation_tolerances(one, z_samples=700))
     # The training run validated the same weights with the same seeds: same numbers again.

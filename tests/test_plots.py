@@ -59,3 +59,21 @@ def test_an_lr_switch_is_marked_but_a_schedule_is_not(drawn):
     lines = _switch_lines(switched)
     assert len(lines) == 1 and list(lines[0].get_xdata()) == [15.0, 15.0]
     assert _switch_lines(scheduled) == []
+
+
+def test_gap_panel_shows_training_against_validation_at_equal_k(drawn):
+    rows = _rows(10)
+    for r in rows:
+        r["train_eval/log_pstar"] = r["val/log_pstar"] + 0.1 * r["epoch"]
+        r["gap/log_pstar"] = 0.1 * r["epoch"]
+    plots.save_curves("unused.png", _rows(10))
+    plots.save_curves("unused.png", rows)
+    without, with_gap = drawn
+    assert len(with_gap.axes) == len(without.axes) + 2  # the panel and its twin axis
+    panel = next(
+        ax for ax in with_gap.axes if ax.get_title() == "training vs validation at equal K"
+    )
+    labels = [line.get_label() for line in panel.lines]
+    assert labels == ["train images log p*", "validation log p*"]
+    twin = next(ax for ax in with_gap.axes if ax.get_ylabel() == "train - validation (nats)")
+    assert list(twin.lines[0].get_ydata()) == pytest.approx([0.1 * e for e in range(10)])

@@ -200,18 +200,60 @@ def test_ray_start_up_errors_stop_in_the_driver_before_ray_starts(shards, tmp_pa
     assert not ray.is_initialized()
 
 
-def test_ray_two_workers_train_into_one_run_folder_and_one_wandb_run(shards, tmp_path):
+# Known noise of a Ray run, hidden from the console by default (pipeline/quiet.py).
+RAY_NOISE = (
+    "Failed to query Ray Train Controller actor state",  # Ray Train's PlacementGroupCleaner
+    "has constructor arguments in the object store",  # a core_worker.cc error line
+)
+LIGHTNING_NOISE = (
+    "💡 Tip: For seamless cloud logging",
+    "`isinstance(treespec, LeafSpec)` is deprecated",
+    "all_gather is deprecated",
+    "Your `IterableDataset` has `__len__` defined",
+)
+
+
+@pytest.fixture
+def ray_tmpdir(monkeypatch):
+    """Ray's temporary folder (its sessions and log files) for this test alone; short,
+    for Ray's socket paths."""
+    folder = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", folder)
+    yield Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_ray_two_workers_train_into_one_run_folder_and_one_wandb_run(
+    shards, tmp_path, ray_tmpdir, monkeypatch
+):
     """Embedded local Ray, 2 CPU workers: validation improves, the run folder has the local
-    layout, rank 0 alone logs to one offline wandb run, and no API key is written."""
+    layout, rank 0 alone logs to one offline wandb run, and no API key is written. The last
+    epoch is the best, and the "done" line names its checkpoint. Ray's known noise stays in
+    its log files, off the console (with Ray's default log deduplication)."""
     run_dir = tmp_path / "run"
     path = write_config(tmp_path / "c.yaml", ray_config(shards, run_dir))
+    monkeypatch.setenv("RAY_DEDUP_LOGS", "1")  # Ray's default (ray_env turns it off)
     proc = ray_train(["--config", str(path), "--workers", "2", "--max-failures", "0"], tmp_path)
+    for line in RAY_NOISE + LIGHTNING_NOISE:
+        assert line not in proc.stdout + proc.stderr, (line, proc.stderr[-5000:])
+    logs = "".join(p.read_text() for p in ray_tmpdir.glob("ray/session_*/logs/worker-*.err"))
+    assert RAY_NOISE[0] in logs  # still printed by Ray's worker, into its log file
     assert proc.stdout.count(f"bihm train: done after {EPOCHS} epochs") == 1, proc.stdout
     rows = read_metrics(run_dir)
     assert [r["epoch"] for r in rows] == [str(e) for e in range(EPOCHS)]
     assert all(float(r["val/n"]) == 200 for r in rows)  # both workers' shares, each once
     first, last = (float(r["val/log_ptilde_star"]) for r in (rows[0], rows[-1]))
     assert last > first + 5, (first, last)
+    # The last epoch is the best. Its best-*.ckpt is saved after the epoch's report to Ray,
+    # and the summary must name it, not the previous best (which save_top_k=1 deleted).
+    values = [float(r["val/log_ptilde_star"]) for r in rows]
+    assert max(values) == values[-1], values
+    done = re.search(r"best val/log_ptilde_star (\S+) at (\S+); run folder", proc.stdout)
+    assert done, proc.stdout
+    assert Path(done[2]) == run_dir / "checkpoints" / f"best-epoch{EPOCHS - 1:04d}.ckpt"
+    assert Path(done[2]).is_file()
+    # metrics.csv holds the float64 value, the checkpoint callback its float32 rounding.
+    assert float(done[1]) == float(torch.tensor(values[-1], dtype=torch.float32))
     expected = config_from_dict(yaml.safe_load(path.read_text())).to_dict()
     assert yaml.safe_load((run_dir / "config.yaml").read_text()) == expected
     assert (run_dir / "curves.png").stat().st_size > 0
@@ -443,34 +485,29 @@ def test_local_launcher_resume_continues_the_same_wandb_run(shards, tmp_path):
     assert_no_secret(run_dir)
 
 
-def test_summary_takes_the_best_from_the_monitored_checkpoint_callback(tmp_path):
-    """Two ModelCheckpoint states are saved (best-*.ckpt and last.ckpt); the summary's best
-    comes from the one that watches the metric, whatever their order."""
-    from contextlib import contextmanager
-
-    from ray.train.lightning import RayTrainReportCallback
-
+def test_summary_is_read_from_the_run_folder_not_from_the_last_report_to_ray(tmp_path):
+    """The summary comes from the run folder's last.ckpt, from the ModelCheckpoint state that
+    watches the metric (whatever the callbacks' order), and not from the checkpoint last
+    reported to Ray, which was saved before that epoch's best was recorded."""
     from pipeline.ray_launcher import summarize
 
-    last = {"monitor": None, "best_model_score": None, "best_model_path": "c/last.ckpt"}
-    best = {"monitor": "val/log_p", "best_model_score": torch.tensor(-90.5)}
-    best["best_model_path"] = "c/best-epoch0003.ckpt"
-    payload = {
-        "epoch": 4,
-        "callbacks": {
-            "ModelCheckpoint{'monitor': 'val/log_p', 'mode': 'max'}": best,
-            "ModelCheckpoint{'monitor': None, 'mode': 'min'}": last,
-        },
-    }
-    torch.save(payload, tmp_path / RayTrainReportCallback.CHECKPOINT_NAME)
+    def payload(best_epoch: int, score: float) -> dict:
+        last = {"monitor": None, "best_model_score": None, "best_model_path": "c/last.ckpt"}
+        best = {"monitor": "val/log_p", "best_model_score": torch.tensor(score)}
+        best["best_model_path"] = f"c/best-epoch{best_epoch:04d}.ckpt"
+        return {
+            "epoch": 4,
+            "callbacks": {
+                "ModelCheckpoint{'monitor': None, 'mode': 'min'}": last,
+                "ModelCheckpoint{'monitor': 'val/log_p', 'mode': 'max'}": best,
+            },
+        }
 
-    class Checkpoint:
-        @contextmanager
-        def as_directory(self):
-            yield str(tmp_path)
-
-    class Result:
-        checkpoint = Checkpoint()
-
-    out = summarize(Result(), tmp_path, "val/log_p")
-    assert (out["best"], out["best_path"], out["epochs"]) == (-90.5, "c/best-epoch0003.ckpt", 5)
+    # What Ray holds: the report of epoch 4, made before epoch 4's best was recorded.
+    (tmp_path / "ray" / "checkpoint_0004").mkdir(parents=True)
+    torch.save(payload(3, -92.25), tmp_path / "ray" / "checkpoint_0004" / "checkpoint.ckpt")
+    assert summarize(tmp_path, "val/log_p")["best"] is None  # no last.ckpt: no epoch done
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(payload(4, -90.5), tmp_path / "checkpoints" / "last.ckpt")
+    out = summarize(tmp_path, "val/log_p")
+    assert (out["best"], out["best_path"], out["epochs"]) == (-90.5, "c/best-epoch0004.ckpt", 5)

@@ -231,6 +231,43 @@ def test_resume_after_kill_mid_epoch_ends_where_an_uninterrupted_run_does(shards
             assert float(rb[key]) == pytest.approx(float(ra[key]), rel=1e-6, abs=1e-6), key
 
 
+class FirstBatch(Callback):
+    """Records (epoch, global step) at the first training batch of a fit."""
+
+    def __init__(self) -> None:
+        self.at: tuple[int, int] | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.at is None:
+            self.at = (trainer.current_epoch, trainer.global_step)
+
+
+def test_resume_continues_at_the_saved_epoch_and_step_and_keeps_earlier_rows(shards, tmp_path):
+    """A resume loads last.ckpt into the Trainer: its first batch is at the saved epoch and
+    global step, and the rows of the epochs before stay in metrics.csv byte for byte (their
+    times too). Comparing end states cannot tell this from a run started over, since
+    training is seeded by the global step."""
+    run_dir = tmp_path / "run"
+    raw = tiny_config(shards, run_dir, train={"max_epochs": 2})
+    raw["data"].update(train_limit=300, valid_limit=64)  # 3 steps an epoch
+    raw["validation"]["gibbs"]["every_n_epochs"] = 0
+    raw["samples"]["every_n_epochs"] = 0
+    first = FirstBatch()
+    run_training(config_from_dict(raw), extra_callbacks=[first])
+    assert first.at == (0, 0)
+    before = (run_dir / "metrics.csv").read_bytes()
+    assert len(before.splitlines()) == 3  # the header and epochs 0, 1
+
+    raw["train"]["max_epochs"] = 3
+    resumed = FirstBatch()
+    result = run_training(config_from_dict(raw), resume=True, extra_callbacks=[resumed])
+    assert resumed.at == (2, 2 * 3)
+    assert result["epochs"] == 3
+    after = (run_dir / "metrics.csv").read_bytes()
+    assert after.startswith(before), (before, after)
+    assert [r["epoch"] for r in read_metrics(run_dir)] == ["0", "1", "2"]
+
+
 def test_early_stopping_on_validation_log_ptilde_star(shards, tmp_path):
     """With an lr far below float32 resolution the weights, hence the (fixed-seed) validation
     log p~*, do not change: patience 1 stops the run after 2 of 5 epochs."""

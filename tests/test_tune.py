@@ -76,6 +76,15 @@ def test_shipped_sweeps_load_and_fit_their_purpose():
     assert [784, 300, 200, 100, 75, 50, 35, 30, 25, 20, 15, 10, 10] in layers.values
     assert config_from_dict(bmnist.base).data.train_limit is None  # the full data set
 
+    study = load_sweep(CONFIGS / "sweep_generalization.yaml")
+    assert study.spec.scheduler.type == "none" and study.max_epochs >= 100
+    assert study.spec.metric == "val/log_pstar" and study.spec.resources.cpu == 1
+    (recipes,) = study.params
+    assert recipes.key == "set" and recipes.kind == "grid"
+    assert {} in recipes.values and {"data.binarization": "dynamic"} in recipes.values
+    assert any("optim.l1" in r for r in recipes.values)
+    assert len([r for r in recipes.values if "optim.l2" in r and len(r) == 1]) == 2
+
 
 @pytest.mark.parametrize(
     "search, message",
@@ -95,6 +104,9 @@ def test_shipped_sweeps_load_and_fit_their_purpose():
         ({"train.objective": {"choice": ["bihm", "vae"]}}, "must be one of bihm, rws"),
         ({"run_dir": {"choice": ["a"]}}, "set by the sweep for each trial"),
         ({"optim.betas": {"choice": [[0.9, 1.5]]}}, "'optim.betas': must be two numbers"),
+        ({"set": {"grid": [{}, 5]}}, "search key 'set': each value must map dotted config keys"),
+        ({"set": {"uniform": [0, 1]}}, "bundles of settings are searched with choice or grid"),
+        ({"set": {"grid": [{"optim.l2": -1}]}}, "'optim.l2': must be >= 0"),
     ],
 )
 def test_bad_search_space_is_a_clear_error_naming_the_key(tmp_path, search, message):
@@ -178,6 +190,27 @@ def test_values_are_applied_with_their_types_and_a_grid_multiplies_the_trials(tm
     assert cfg.run_dir == "/sweeps/s/trials/abc_00001" and cfg.name == "s-abc_00001"
     assert cfg.data.shard_dir == "/somewhere/cwd/shards"  # trials run in other directories
     assert cfg.logging.progress_bar is False
+
+
+def test_a_bundle_of_settings_is_one_searched_value(tmp_path):
+    """The search key `set`: each grid value is a recipe of several keys, applied together."""
+    path = make_sweep(
+        tmp_path,
+        search={"set": {"grid": [{}, {"optim.l2": 1e-4, "data.binarization": "dynamic"}]}},
+    )
+    sweep = load_sweep(path)
+    assert sweep.num_trials(1) == 2
+    settings = TrialSettings(
+        sweep_name="s", base=sweep.base, sweep_dir="/s", cwd="/cwd", max_epochs=2, cpu_threads=1
+    )
+    plain = config_from_dict(trial_config(settings, {"set": {}}, "t0"))
+    recipe = trial_config(
+        settings, {"set": {"optim.l2": 1e-4, "data.binarization": "dynamic"}}, "t1"
+    )
+    cfg = config_from_dict(recipe)
+    assert (plain.optim.l2, plain.data.binarization) == (0.0, "fixed")
+    assert (cfg.optim.l2, cfg.data.binarization) == (1e-4, "dynamic")
+    assert cfg.data.shard_dir == "/cwd/shards"
 
 
 def test_resources_the_cluster_cannot_meet_are_an_error(tmp_path):
