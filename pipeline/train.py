@@ -115,8 +115,12 @@ def grey_shard_dir(cfg: Config) -> str | None:
     return d.grey_shard_dir or f"{d.shard_dir.rstrip('/')}_grey"
 
 
-def ensure_shards(shard_dir: str | os.PathLike, dataset: str = "binarized_mnist") -> None:
+def ensure_shards(
+    shard_dir: str | os.PathLike, dataset: str = "binarized_mnist", key: str | None = None
+) -> None:
     """Write the shards with `data_shards.prepare` when `shard_dir` has no manifest.
+    `key` is the config key that named `shard_dir`, for the messages (default: the one
+    that names a folder of `dataset`, data.grey_shard_dir or data.shard_dir).
 
     Says so on stderr, with the absolute folder, and whether that folder is new (a mistyped
     data.shard_dir would otherwise become a second copy of the data unnoticed). A folder of
@@ -128,6 +132,9 @@ def ensure_shards(shard_dir: str | os.PathLike, dataset: str = "binarized_mnist"
     from data_shards import load_manifest, prepare
     from data_shards.sources import SourceError
 
+    if key is None:
+        key = "data.grey_shard_dir" if dataset == "binarized_mnist_grey" else "data.shard_dir"
+
     try:
         load_manifest(shard_dir)  # a raw-data folder is a DataError here, not prepared
         return
@@ -135,24 +142,24 @@ def ensure_shards(shard_dir: str | os.PathLike, dataset: str = "binarized_mnist"
         pass
     folder = Path(shard_dir)
     existed = folder.is_dir()
-    check_writable(folder, "data.shard_dir", folder=True)
+    check_writable(folder, key, folder=True)
     source = os.environ.get("BIHM_DATA_SOURCE")
     where = f"$BIHM_DATA_SOURCE={source}" if source else "a download (set $BIHM_DATA_SOURCE)"
     if existed:
         into = f"into it ({folder.resolve()})"
     else:
-        into = f"into {folder.resolve()}, a new folder: data.shard_dir did not exist"
+        into = f"into {folder.resolve()}, a new folder: {key} did not exist"
         others = _prepared_siblings(folder)
         if others:
             into += f" (prepared shards beside it: {', '.join(others)}; a typo?)"
     print(
-        f"bihm: data.shard_dir {shard_dir} has no shard manifest; preparing {dataset} "
+        f"bihm: {key} {shard_dir} has no shard manifest; preparing {dataset} "
         f"from {where} {into} ...",
         file=sys.stderr,
         flush=True,
     )
     try:
-        prepare(shard_dir, dataset=dataset, out_name="data.shard_dir")
+        prepare(shard_dir, dataset=dataset, out_name=key)
     except SourceError as err:  # no network, a missing or unreadable source folder
         raise TrainingError(
             f"could not prepare the data in {shard_dir}: {err}. Without internet, set "

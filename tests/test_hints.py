@@ -149,6 +149,9 @@ def test_an_unwritable_shard_folder_is_not_blamed_on_the_source(tmp_path, monkey
     message = str(info.value)
     assert message.startswith(f"data.shard_dir {tmp_path / 'a_file' / 'shards'}: cannot write")
     assert "BIHM_DATA_SOURCE" not in message, message
+    # The grey images of dynamic binarization live in a folder of their own config key.
+    with pytest.raises(UserError, match=r"^data\.grey_shard_dir .*: cannot write"):
+        ensure_shards(tmp_path / "a_file" / "grey", "binarized_mnist_grey")
 
 
 def test_a_failed_write_after_reading_the_source_is_not_blamed_on_it(tmp_path, monkeypatch):
