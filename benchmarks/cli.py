@@ -10,6 +10,17 @@ from pipeline.argtypes import positive_float, positive_int
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from bihm.atomic import check_writable
+
+    # Outputs first: a typo must not cost the minutes of measurement.
+    if args.json is not None:
+        check_writable(args.json, "--json")
+    if not args.no_epoch and not (Path(args.shards) / "manifest.json").is_file():
+        from data_shards.shards import raw_folder_error
+
+        raw_folder_error(args.shards, "--shards")
+        check_writable(args.shards, "--shards", folder=True)  # the epoch prepares them there
+
     import torch
 
     from benchmarks.bench import format_table, run, write_json

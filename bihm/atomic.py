@@ -5,6 +5,10 @@ temporary name in the destination folder, flushed and fsynced, given the permiss
 file gets under the process umask (mkstemp's 0600 would hide results from teammates on a
 shared cluster), and renamed over the destination; the folder is fsynced so the rename
 survives a crash. A reader sees the old file or the new one, never a part.
+
+`check_writable` is the matching start-up check: a command calls it on each of its output
+paths before any work, so a typo or a read-only folder stops it at once rather than after
+an hour of sampling.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+
+from bihm.errors import UserError
 
 _UMASK_LOCK = threading.Lock()
 
@@ -75,3 +81,49 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+PROBE_PREFIX = ".bihm-probe."
+
+
+def probe_folder(folder: str | os.PathLike) -> None:
+    """Create `folder` (with its parents, as a writer would) and write and remove a small
+    file in it; raises the OSError of the first step that fails.
+
+    A real write rather than `os.access`: root passes every permission check, and a
+    read-only mount, a full disk or a quota shows itself only when a file is written.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=folder, prefix=PROBE_PREFIX, suffix=".tmp")
+    try:
+        os.write(fd, b"bihm")
+    finally:
+        os.close(fd)
+        os.unlink(name)
+
+
+def check_writable(
+    path: str | os.PathLike, what: str, *, folder: bool = False, source: str = ""
+) -> Path:
+    """Raise a one-line UserError naming `what` (the flag or config key) and `path` unless
+    bihm can write the file `path` (folder=False: a probe file in its folder, which is
+    created if missing, as the writer would) or files into the folder `path`
+    (folder=True). `source` says where the path came from, if not from `what` itself
+    (e.g. "--run-dir, or run_dir in the config"). Returns `path`."""
+    path = Path(path)
+    name = f"{what} {path}" + (f" ({source})" if source else "")
+    if not folder and path.is_dir():
+        raise UserError(f"{name}: is a folder; give a file name")
+    target = path if folder else path.parent
+    blocker = next((p for p in (target, *target.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise UserError(f"{name}: cannot write there ({blocker} is a file, not a folder)")
+    try:
+        probe_folder(target)
+    except OSError as err:
+        why = err.strerror or type(err).__name__
+        if err.filename is not None and PROBE_PREFIX not in str(err.filename):
+            why += f": {err.filename}"  # e.g. the folder that could not be created
+        raise UserError(f"{name}: cannot write there ({why})") from err
+    return path

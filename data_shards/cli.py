@@ -19,11 +19,16 @@ def _prepare(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         seed=args.seed,
         progress=not args.no_progress,
+        out_name="--out",  # checked for writing before any data is read
     )
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.json:
+        from bihm.atomic import check_writable
+
+        check_writable(args.json, "--json")  # before the measurement, not after it
     from data_shards.bench import bench_loader, format_rows
 
     results = bench_loader(

@@ -28,7 +28,7 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from bihm.atomic import atomic_write_text, commit
+from bihm.atomic import atomic_write_text, check_writable, commit
 from data_shards import DATASETS, sources
 from data_shards.sources import PIXELS, DataError, MissingDataError
 
@@ -208,6 +208,7 @@ def load_manifest(shard_dir: str | os.PathLike) -> dict:
     """Read and check `shard_dir/manifest.json`; errors name the file and the field."""
     path = Path(shard_dir) / MANIFEST
     if not path.is_file():
+        raw_folder_error(shard_dir)
         raise MissingDataError(
             f"{path}: no manifest; create the shards with `bihm data prepare --out {shard_dir}`"
         )
@@ -247,6 +248,24 @@ def load_manifest(shard_dir: str | os.PathLike) -> dict:
                 f"{path}: field {where}count is {count}, the shards hold {expected_first}"
             )
     return manifest
+
+
+def raw_folder_error(folder: str | os.PathLike, role: str = "") -> None:
+    """Raise a DataError if `folder` holds raw data (.amat or IDX files) rather than shards:
+    it names the files and the command that prepares shards from it into another folder
+    (never into the raw data itself). `role` names what pointed there (e.g. '--out')."""
+    found = sources.raw_data_files(folder)
+    if not found:
+        return
+    names = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+    binarized = any(name.endswith((".amat", ".amat.gz")) for name in found)
+    dataset = "" if binarized else " --dataset mnist_dynamic"  # or mnist_static/_continuous
+    out = "data/binarized_mnist" if binarized else "data/mnist_dynamic"
+    raise DataError(
+        f"{(role + ' ') if role else ''}{folder} holds raw data ({names}), not prepared "
+        f"shards; write shards from it into a folder of their own: `bihm data prepare"
+        f"{dataset} --source {folder} --out {out}`, and use that folder"
+    )
 
 
 def verify_shards(shard_dir: str | os.PathLike, manifest: dict, splits=None) -> None:
@@ -296,6 +315,17 @@ def _up_to_date(out_dir: Path, identity: dict) -> tuple[dict | None, str]:
 
 
 def _acquire(dataset: str, source: str | os.PathLike | None, out_dir: Path) -> sources.RawData:
+    """The raw data; a failure to get it (a missing mirror, a failed download) is a
+    SourceError."""
+    try:
+        return _acquire_raw(dataset, source, out_dir)
+    except sources.SourceError:
+        raise
+    except OSError as exn:
+        raise sources.SourceError(str(exn)) from exn
+
+
+def _acquire_raw(dataset: str, source: str | os.PathLike | None, out_dir: Path) -> sources.RawData:
     mnist = dataset != "binarized_mnist"
     if source is None:
         # $BIHM_MNIST_SOURCE first for the IDX files; $BIHM_DATA_SOURCE may name a folder
@@ -326,6 +356,7 @@ def prepare(
     shard_size: int = 10_000,
     seed: int = 0,
     progress: bool = True,
+    out_name: str = "output folder",
 ) -> dict:
     """Acquire `dataset`, verify it and write shards + manifest to `out_dir`. Returns the manifest.
 
@@ -336,6 +367,9 @@ def prepare(
     binarized once with `seed`), "mnist_dynamic" (raw intensities, resampled every epoch),
     "mnist_continuous" (raw intensities, read as uniformly dequantized values in [0, 1]).
     Idempotent: with an up-to-date manifest and intact shards it does nothing and says so.
+    Before reading any data it refuses an `out_dir` that holds raw data, and checks that
+    `out_dir` can be written; those errors name it as `out_name` (a flag or config key).
+    A failure to get the raw data is a `sources.SourceError`.
     """
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
@@ -349,6 +383,8 @@ def prepare(
     if manifest is not None:
         print(f"{out_dir / MANIFEST}: up to date ({dataset}), nothing to do")
         return manifest
+    raw_folder_error(out_dir, out_name)
+    check_writable(out_dir, out_name, folder=True)
     if (out_dir / MANIFEST).exists():
         print(f"rewriting the shards: {reason}")
 

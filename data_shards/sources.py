@@ -55,6 +55,11 @@ class MissingDataError(DataError, FileNotFoundError):
     """A file or folder that the data needs does not exist (the message names it)."""
 
 
+class SourceError(DataError, OSError):
+    """The raw data could not be had: a missing or unreadable mirror, a failed download.
+    (Unlike an error writing the shards, advice about $BIHM_DATA_SOURCE fits it.)"""
+
+
 @dataclass
 class RawData:
     """Decoded splits plus what identifies them."""
@@ -82,6 +87,24 @@ def binarized_mnist_source_hash() -> str:
 
 def mnist_source_hash() -> str:
     return combined_hash(MNIST_MD5)
+
+
+RAW_FILES = tuple(f"binarized_mnist_{split}.amat" for split in SPLITS) + tuple(MNIST_MD5)
+
+
+def raw_data_files(folder: str | os.PathLike) -> list[str]:
+    """The raw data files (binarized MNIST .amat, MNIST IDX, gzipped or not) in `folder` or
+    in its binarized_mnist/ and mnist/ sub-folders (a parent of the mirrors, as `prepare`
+    accepts for a source), as paths relative to `folder`. Such a folder is a data source:
+    shards are never written into it."""
+    folder = Path(folder)
+    found = []
+    for sub in ("", "binarized_mnist", "mnist"):
+        for stem in RAW_FILES:
+            for name in (stem, f"{stem}.gz"):
+                if (folder / sub / name).is_file():
+                    found.append(str(Path(sub) / name))
+    return found
 
 
 def is_url(source: str | os.PathLike | None) -> bool:

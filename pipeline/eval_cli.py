@@ -1,6 +1,8 @@
 """`bihm eval | validate | sample | inpaint`: the command line of pipeline/evaluate.py.
 
 Registering the flags imports nothing heavy; each handler imports the evaluation code.
+Each handler first checks that its output (--json, --out) can be written, so a typo or a
+read-only folder stops it before the checkpoint is even read, not after the work.
 """
 
 from __future__ import annotations
@@ -16,22 +18,34 @@ DEFAULT_KS = [1, 10, 100, 1000, 10000]
 MASKS = ["bottom", "top", "left", "right"]
 
 
-def _load(args: argparse.Namespace, with_gibbs: bool = False):
-    """The checkpoint's module and config, with --set and --shards overrides."""
+def _check_output(path: Path | None, flag: str) -> None:
+    """Fail fast: `flag`'s file must be writable before any work starts."""
+    if path is not None:
+        from bihm.atomic import check_writable
+
+        check_writable(path, flag)
+
+
+def _load(args: argparse.Namespace, with_gibbs: bool = False, needs_shards: bool = True):
+    """The checkpoint's module and config, with --set and --shards overrides. The config's
+    own relative data.shard_dir is looked for beside the checkpoint too (see
+    `pipeline.evaluate.locate_shards`); `needs_shards` makes a missing one an error."""
     from pipeline.evaluate import load_checkpoint
 
     overrides = list(args.set)
     if args.shards is not None:
         overrides.append(f"data.shard_dir={args.shards}")
-    return load_checkpoint(args.checkpoint, overrides, with_gibbs=with_gibbs)
+    return load_checkpoint(
+        args.checkpoint, overrides, with_gibbs=with_gibbs, needs_shards=needs_shards
+    )
 
 
-def _gibbs_model(args: argparse.Namespace):
+def _gibbs_model(args: argparse.Namespace, needs_shards: bool):
     """The checkpoint's module and config for a Gibbs sampler; a label node is refused
     (Gibbs sampling with a label node is not implemented)."""
     from bihm.errors import UserError
 
-    module, cfg = _load(args)
+    module, cfg = _load(args, needs_shards=needs_shards)
     if module.model.n_classes:
         raise UserError(
             f"{args.checkpoint}: the model has a label node; Gibbs sampling with a label "
@@ -48,6 +62,7 @@ def _write_json(path: Path | None, data: dict) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    _check_output(args.json, "--json")
     from pipeline.evaluate import evaluate, format_table
 
     module, cfg = _load(args)
@@ -74,6 +89,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    _check_output(args.json, "--json")
     from pipeline.evaluate import validate
 
     # The Gibbs inpainting metrics are part of this report whatever the training cadence.
@@ -90,10 +106,11 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
+    _check_output(args.out, "--out")
     from pipeline.evaluate import single_device_model
     from pipeline.train import save_sample_picture
 
-    module, cfg = _gibbs_model(args)
+    module, cfg = _gibbs_model(args, needs_shards=False)  # samples need no data
     save_sample_picture(
         single_device_model(module, cfg),
         args.out,
@@ -109,10 +126,11 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _inpaint(args: argparse.Namespace) -> int:
+    _check_output(args.out, "--out")
     from data_shards import eval_loader, load_manifest
     from pipeline.evaluate import inpaint_picture, single_device_model
 
-    module, cfg = _gibbs_model(args)
+    module, cfg = _gibbs_model(args, needs_shards=True)
     model = single_device_model(module, cfg)
     load_manifest(cfg.data.shard_dir)  # names the folder if it holds no prepared shards
     # `limit` picks digits spread over the whole split (the test split is sorted by class).

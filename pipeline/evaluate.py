@@ -31,12 +31,82 @@ from pipeline.config import (
 
 # --------------------------------------------------------------------------- loading
 def load_checkpoint(
-    path: str | Path, overrides: list[str] = (), with_gibbs: bool = False
+    path: str | Path,
+    overrides: list[str] = (),
+    with_gibbs: bool = False,
+    needs_shards: bool = False,
 ) -> tuple[BiHMModule, Config]:
     """A BiHMModule and its Config from a Lightning .ckpt or a `BiHM.save` file.
     `with_gibbs` turns the Gibbs inpainting validation on (every epoch), unless the model
-    has a label node (Gibbs sampling with one is not implemented)."""
-    path = Path(path)
+    has a label node (Gibbs sampling with one is not implemented).
+
+    The config's own data.shard_dir, when relative, was relative to the folder training
+    ran in; it is looked for by `locate_shards` (an override such as --shards is taken as
+    given). With `needs_shards`, shards that are nowhere to be found are an error naming
+    the folders tried, raised before any work."""
+    module, cfg = _load_checkpoint(Path(path), overrides, with_gibbs)
+    if not any(o.split("=", 1)[0].strip() == "data.shard_dir" for o in overrides):
+        found = locate_shards(cfg, Path(path), required=needs_shards)
+        if found is not None:
+            cfg.data.shard_dir = str(found)
+    elif needs_shards:
+        from data_shards import load_manifest
+
+        load_manifest(cfg.data.shard_dir)  # names the folder if it holds no shards
+    return module, cfg
+
+
+def _project_folder(cfg: Config, checkpoint: Path) -> Path | None:
+    """The folder a `bihm train` run was started from, when `checkpoint` still lies in its
+    run folder: <project>/<run_dir>/checkpoints/<file> with a relative run_dir."""
+    run_dir = cfg.resolved_run_dir()
+    folder = checkpoint.resolve().parent
+    if run_dir.is_absolute() or folder.name != "checkpoints":
+        return None
+    run_folder, parts = folder.parent, run_dir.parts
+    if len(run_folder.parts) <= len(parts) or run_folder.parts[-len(parts) :] != parts:
+        return None
+    return run_folder.parents[len(parts) - 1]
+
+
+def locate_shards(cfg: Config, checkpoint: Path, required: bool = False) -> Path | None:
+    """Where the shards of a checkpoint's relative data.shard_dir are: the current folder
+    first (as before, and where a user may have prepared them), then the nearest folder
+    above the checkpoint that holds them (the training run's own folder for a checkpoint
+    still in its run folder, or a project a results file was copied into). An absolute
+    data.shard_dir is taken as it is. None when no candidate holds a manifest; with
+    `required` that is a MissingDataError naming what was tried and where to prepare."""
+    from data_shards.shards import MANIFEST, load_manifest
+    from data_shards.sources import MissingDataError, raw_data_files
+
+    shard_dir = Path(cfg.data.shard_dir)
+    if shard_dir.is_absolute():
+        if required:
+            load_manifest(shard_dir)
+        return shard_dir if (shard_dir / MANIFEST).is_file() else None
+    if (shard_dir / MANIFEST).is_file():
+        return shard_dir
+    for folder in checkpoint.resolve().parents:
+        if (folder / shard_dir / MANIFEST).is_file():
+            return folder / shard_dir
+    if not required:
+        return None
+    project = _project_folder(cfg, checkpoint)
+    where = project / shard_dir if project is not None else shard_dir
+    for folder in (shard_dir, where):
+        if raw_data_files(folder):
+            load_manifest(folder)  # raw data, not shards: that error says where to prepare
+    raise MissingDataError(
+        f"data.shard_dir {shard_dir} of {checkpoint}: no prepared shards in "
+        f"{Path.cwd() / shard_dir} (the current folder) nor in {shard_dir} under any "
+        f"folder above the checkpoint; pass --shards DIR, or create them with "
+        f"`bihm data prepare --out {where}`"
+    )
+
+
+def _load_checkpoint(
+    path: Path, overrides: list[str], with_gibbs: bool
+) -> tuple[BiHMModule, Config]:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:

@@ -115,29 +115,68 @@ def grey_shard_dir(cfg: Config) -> str | None:
     return d.grey_shard_dir or f"{d.shard_dir.rstrip('/')}_grey"
 
 
-def ensure_shards(shard_dir: str | os.PathLike, dataset: str = "binarized_mnist") -> None:
-    """Write the shards with `data_shards.prepare` when `shard_dir` has no manifest."""
+def ensure_shards(
+    shard_dir: str | os.PathLike, dataset: str = "binarized_mnist", key: str | None = None
+) -> None:
+    """Write the shards with `data_shards.prepare` when `shard_dir` has no manifest.
+    `key` is the config key that named `shard_dir`, for the messages (default: the one
+    that names a folder of `dataset`, data.grey_shard_dir or data.shard_dir).
+
+    Says so on stderr, with the absolute folder, and whether that folder is new (a mistyped
+    data.shard_dir would otherwise become a second copy of the data unnoticed). A folder of
+    raw data is refused (shards are never written into a data source), and a folder that
+    cannot be written is an error before the source is read; advice about
+    $BIHM_DATA_SOURCE comes only with a failure to get the source data.
+    """
+    from bihm.atomic import check_writable
     from data_shards import load_manifest, prepare
+    from data_shards.sources import SourceError
+
+    if key is None:
+        key = "data.grey_shard_dir" if dataset == "binarized_mnist_grey" else "data.shard_dir"
 
     try:
-        load_manifest(shard_dir)
+        load_manifest(shard_dir)  # a raw-data folder is a DataError here, not prepared
         return
     except FileNotFoundError:
         pass
+    folder = Path(shard_dir)
+    existed = folder.is_dir()
+    check_writable(folder, key, folder=True)
     source = os.environ.get("BIHM_DATA_SOURCE")
     where = f"$BIHM_DATA_SOURCE={source}" if source else "a download (set $BIHM_DATA_SOURCE)"
+    if existed:
+        into = f"into it ({folder.resolve()})"
+    else:
+        into = f"into {folder.resolve()}, a new folder: {key} did not exist"
+        others = _prepared_siblings(folder)
+        if others:
+            into += f" (prepared shards beside it: {', '.join(others)}; a typo?)"
     print(
-        f"bihm: {shard_dir} has no shard manifest; preparing {dataset} from {where} ...",
+        f"bihm: {key} {shard_dir} has no shard manifest; preparing {dataset} "
+        f"from {where} {into} ...",
         file=sys.stderr,
         flush=True,
     )
     try:
-        prepare(shard_dir, dataset=dataset)
-    except OSError as err:  # no network, unreadable source folder
+        prepare(shard_dir, dataset=dataset, out_name=key)
+    except SourceError as err:  # no network, a missing or unreadable source folder
         raise TrainingError(
             f"could not prepare the data in {shard_dir}: {err}. Without internet, set "
             f"BIHM_DATA_SOURCE to a folder holding binarized_mnist_{{train,valid,test}}.amat[.gz]"
         ) from err
+    except OSError as err:  # the source was read; writing the shards failed (disk full, ...)
+        raise TrainingError(f"could not write the shards in {shard_dir}: {err}") from err
+
+
+def _prepared_siblings(folder: Path, limit: int = 3) -> list[str]:
+    """Folders beside `folder` that hold prepared shards (what a mistyped name meant)."""
+    parent = folder.parent
+    try:
+        found = sorted(d for d in parent.iterdir() if (d / "manifest.json").is_file())
+    except OSError:
+        return []
+    return [str(d) for d in found[:limit]]
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -587,20 +626,37 @@ def run_training(
 def check_run_dir(cfg: Config, resume: bool) -> str | None:
     """Start-up check of the run folder: the checkpoint to resume from, None for a new run.
 
-    Raises TrainingError when there is nothing to resume or the folder already holds a run.
+    Raises TrainingError when there is nothing to resume or the folder already holds a run,
+    and a UserError when the folder cannot be written (a probe file, created and removed:
+    see `bihm.atomic.check_writable`), before any data or model is touched.
     """
+    from bihm.atomic import check_writable
+
     run_dir = cfg.resolved_run_dir()
     last = run_dir / "checkpoints" / "last.ckpt"
     if resume:
         if not last.is_file():
             raise TrainingError(f"--resume: no checkpoint to resume from at {last}")
-        return str(last)
-    if last.is_file():
+    elif last.is_file():
         raise TrainingError(
-            f"{run_dir} already holds a run ({last}); pass --resume to continue it, "
+            f"{run_dir} already holds a run ({last}); {resume_hint()} to continue it, "
             f"or choose another --run-dir / name"
         )
-    return None
+    check_writable(run_dir, "run folder", folder=True, source="--run-dir, or run_dir in the config")
+    return str(last) if resume else None
+
+
+def resume_hint() -> str:
+    """'pass --resume'; for `bihm train` run by `make train` (make sets MAKELEVEL in its
+    recipes' environment) the make form, with the run's other arguments kept:
+    `make train ARGS='--config smoke --resume'`."""
+    import shlex
+
+    argv = sys.argv
+    if os.environ.get("MAKELEVEL") and Path(argv[0]).name == "bihm" and argv[1:2] == ["train"]:
+        args = [a for a in argv[2:] if a != "--resume"] + ["--resume"]
+        return f"run `make train ARGS={shlex.quote(' '.join(args))}`"
+    return "pass --resume"
 
 
 def start_run_dir(cfg: Config) -> Path:

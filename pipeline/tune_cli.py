@@ -20,6 +20,10 @@ def _tune(args: argparse.Namespace) -> int:
     if args.num_cpus is not None and args.address:
         raise ConfigError("--num-cpus: only for a local Ray (not with --address)")
     sweep = load_sweep(args.config, args.set)
+    from bihm.atomic import check_writable
+
+    # Before Ray starts or any data is prepared: the sweep folder must take files.
+    check_writable(sweep.sweep_dir, "sweep folder", folder=True, source="run_dir in the sweep file")
     try:
         outcome = run_sweep(
             sweep,

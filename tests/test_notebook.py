@@ -48,7 +48,9 @@ def test_notebook_extra_is_installed_by_dev():
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
         "optional-dependencies"
     ]
-    assert {"ipykernel", "nbclient", "nbformat"} <= {
+    # ipywidgets: tqdm.auto's progress bars in the notebook ("IProgress not found" without
+    # it); nbconvert: the README's headless run, `jupyter nbconvert --execute`.
+    assert {"ipykernel", "ipywidgets", "nbclient", "nbconvert", "nbformat"} <= {
         req.split("=")[0].split(">")[0] for req in extras["notebook"]
     }
     assert set(extras["notebook"]) <= set(extras["dev"])
@@ -105,6 +107,7 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert len(pictures) >= 8, f"only {len(pictures)} pictures"
     text = "".join(o.get("text", "") for o in outputs)
     assert "2 log Z" in text and "ESS/K of the p* weights" in text
+    assert "IProgress not found" not in text  # ipywidgets is in the notebook extra
     assert "recomputed now" in text  # the `bihm train` checkpoint was loaded and validated
     assert (tmp_path / "work" / "bihm_train" / "checkpoints" / "last.ckpt").is_file()
     assert (tmp_path / "work" / "playground_model.pt").is_file()
