@@ -86,7 +86,9 @@ class DataConfig:
     """What `data_shards.prepare` writes to shard_dir when it has no manifest.
     mnist_continuous: intensities in [0, 1], uniformly dequantized (for a Gaussian x)."""
     batch_size: int = 100
+    """Training minibatch per process (the paper: 100). Under DDP each rank takes its own."""
     eval_batch_size: int = 500
+    """Validation and evaluation batch per process; the numbers do not depend on it."""
     num_workers: int = 0
     """DataLoader worker processes per training process. 0 (the default): the loader is
     ~30x faster than a training step, so workers would only compete for the cores."""
@@ -94,9 +96,13 @@ class DataConfig:
     """Training order: a fresh permutation of the whole training set every epoch (as the
     authors' code), or, for data too large to hold, a stream through a shuffle buffer."""
     shuffle_buffer: int = 5000
+    """Images held by the shuffle buffer (shuffle: buffer only)."""
     train_limit: int | None = None
+    """Use only this many training images, spread evenly over the split; null = all."""
     valid_limit: int | None = None
+    """Validate on this many images, spread evenly over the split; null = all 10,000."""
     test_limit: int | None = None
+    """Evaluate (bihm eval --split test) on this many images, spread evenly; null = all."""
     binarization: Literal["fixed", "dynamic"] = "fixed"
     """binarized_mnist only. fixed: train on the fixed binarized training images (the
     paper). dynamic: re-draw every training image's pixels from the grey MNIST image it was
@@ -111,16 +117,23 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     objective: Literal["bihm", "rws"] = "bihm"
+    """bihm: the BiHM objective, weights sqrt(p/q) (paper Alg. 1); rws: reweighted
+    wake-sleep, weights p/q."""
     K: int = 10
     """Samples h_k ~ q(h | x) per example in the training objective."""
     max_epochs: int = 10_000
+    """Upper bound on the epochs; early stopping usually ends the run first."""
     early_stopping_patience: int | None = 10
     """Epochs without improvement of the validation log p~* (log p for RWS) before
     stopping; null = never. The best checkpoint is chosen by the same metric."""
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    """auto: a GPU where torch sees one, else the CPU."""
     devices: int = 1
+    """Processes per node (GPUs, or CPU processes with gloo); --devices overrides it."""
     num_nodes: int = 1
+    """Nodes of a multi-node DDP job (e.g. under SLURM); --num-nodes overrides it."""
     log_every_n_steps: int = 50
+    """Lightning logs the per-step loss every this many steps."""
     cpu_threads: int | None = None
     """torch threads per process on CPU. null: the cores divided by the processes per node,
     and training switches to 1 thread while that is faster (another job on the machine;
@@ -149,8 +162,11 @@ class SwitchConfig:
     """The authors' "continue with larger K": from `epoch` on, train with K and lr."""
 
     epoch: int | None = None
+    """The first epoch with the new K, lr or Adam state; null = no switch."""
     K: int | None = None
+    """Training K from that epoch on; null = keep train.K."""
     lr: float | None = None
+    """Base learning rate from that epoch on; null = keep optim.lr."""
     reset_optimizer: bool = False
     """Start `epoch` with a fresh Adam state (moments and step count), as the authors'
     reload with a new lr and K had; false keeps the state."""
@@ -159,8 +175,11 @@ class SwitchConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-3
+    """Adam's learning rate (the paper: 1e-3), times the schedule's factor."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam's beta1, beta2."""
     eps: float = 1e-8
+    """Adam's epsilon."""
     weight_decay: float = 0.0
     """torch.optim.Adam's weight_decay: adds weight_decay * theta to the gradient of EVERY
     parameter, biases and top prior included. Kept for old configs; l2 is the authors'
@@ -169,8 +188,11 @@ class OptimConfig:
     """Learning-rate factor per epoch: constant 1; cosine from 1 to min_factor over
     max_epochs; exponential gamma**epoch; step gamma**(epoch // step_size)."""
     gamma: float = 1.0
+    """The lr factor of the exponential and step schedules."""
     step_size: int = 100
+    """Epochs per step of the step schedule."""
     min_factor: float = 0.0
+    """The lr factor the cosine schedule ends at."""
     l2: float = 0.0
     """Per-example L2 penalty l2 * sum W^2 on the weight matrices W^p_l and W^q_l only (no
     biases, top prior, label node or Gaussian scales), added to the loss, so Adam sees its
@@ -188,15 +210,21 @@ class GibbsValidationConfig:
     every_n_epochs: int = 10
     """0 = never."""
     examples: int = 100
+    """Validation images inpainted, spread over the split."""
     chains: int = 1
+    """Gibbs chains per image; the error is averaged over them."""
     steps: int = 20
+    """Block Gibbs sweeps per chain."""
     proposals: int = 1000
+    """S, the importance-sampling proposals of each layer update (the authors' 1000)."""
     inner: int = 10
+    """Inner q-samples per proposal when scoring it."""
 
 
 @dataclass
 class ValidationConfig:
     K: int = 100
+    """Samples h_k ~ q(h | x) per validation image for log p, log p~* and the ESS."""
     z_samples: int = 10_000
     """N, the outer samples of the 2 log Z estimator (paper Eq. 7)."""
     z_inner: int = 10
@@ -218,24 +246,35 @@ class SamplesConfig:
     every_n_epochs: int = 10
     """0 = never. Rank 0 writes samples/epoch_NNNN.png."""
     n: int = 64
+    """Digits per picture."""
     gibbs_steps: int = 250
+    """Block Gibbs sweeps from p* per picture (0: p samples only)."""
     proposals: int = 1000
+    """S, the proposals of each Gibbs layer update."""
     inner: int = 10
+    """Inner q-samples per proposal."""
 
 
 @dataclass
 class LoggingConfig:
     wandb: Literal["off", "offline", "online"] = "off"
+    """offline writes the run to wandb/ in the run folder (wandb sync uploads it later);
+    online needs WANDB_API_KEY."""
     wandb_project: str = "bihm"
+    """The wandb project of the run."""
     wandb_group: str | None = None
     """Groups the wandb runs of related jobs (e.g. a sweep); null = no group."""
     progress_bar: bool = True
+    """Lightning's progress bar (and the evaluation's) on the console."""
 
 
 @dataclass
 class Config:
     name: str = "bihm"
+    """The run's name: its folder is runs/<name> unless run_dir is set, and wandb shows it."""
     seed: int = 0
+    """Seeds the initial weights, the training order and (with the global step) the
+    training draws."""
     run_dir: str | None = None
     """Defaults to runs/<name>."""
     model: ModelConfig = field(default_factory=ModelConfig)
