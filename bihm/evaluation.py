@@ -23,7 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bihm.model import BiHM, Estimates, log_mean_and_sem
+from bihm.estimators import Estimates
+from bihm.logspace import log_mean_and_sem
+from bihm.model import BiHM
 from bihm.rng import RowStreams, make_generator
 
 # Purposes mixed into the seeds, so that no two uses share random numbers.
