@@ -1,4 +1,5 @@
-"""The BiHM's public API: shapes, initialisation, seeding, checkpoints and bad input."""
+"""The BiHM's public API: shapes, initialisation, seeding and bad input (checkpoints:
+test_checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import pytest
 import torch
 
 from bihm import BiHM
-from bihm.errors import CheckpointError
 from tests.exact import assert_manual_grads_equal_autograd
 
 PAPER_SIZES = [784, 300, 200, 100, 75, 50, 35, 30, 25, 20, 15, 10, 10]
@@ -189,42 +189,6 @@ def test_standard_errors_use_n_minus_1():
     )
     assert log_mean == pytest.approx(math.log(3.5))
     assert log_sem == pytest.approx(sd / (2 * 3.5))
-
-
-def test_save_load_round_trip(tmp_path):
-    model = BiHM([8, 5, 3])
-    with torch.no_grad():
-        model.prior_logits.add_(0.25)
-    path = tmp_path / "sub" / "model.pt"
-    model.save(path)
-    assert not list(path.parent.glob("*.tmp")), "temporary file left behind"
-    payload = torch.load(path, weights_only=True)  # plain tensors and containers only
-    assert payload["layer_sizes"] == [8, 5, 3]
-    loaded = BiHM.load(path)
-    assert loaded.layer_sizes == [8, 5, 3]
-    for (name, a), (_, b) in zip(
-        model.state_dict().items(), loaded.state_dict().items(), strict=True
-    ):
-        assert torch.equal(a, b), name
-    x = binary(4, 8)
-    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    assert torch.equal(
-        model.log_likelihood(x, 5, generator=gen())[0],
-        loaded.log_likelihood(x, 5, generator=gen())[0],
-    )
-
-
-def test_load_rejects_bad_files(tmp_path):
-    with pytest.raises(CheckpointError, match="missing.pt"):
-        BiHM.load(tmp_path / "missing.pt")
-    garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="garbage.pt"):
-        BiHM.load(garbage)
-    other = tmp_path / "other.pt"
-    torch.save({"state_dict": {}}, other)
-    with pytest.raises(ValueError, match="not a BiHM checkpoint"):
-        BiHM.load(other)
 
 
 @pytest.mark.parametrize(
