@@ -28,6 +28,25 @@ from bihm.rng import Generator, uniform
 if TYPE_CHECKING:
     from bihm.model import BiHM
 
+IMAGE_SHAPE = (28, 28)
+
+
+def half_mask(side: str, shape: tuple[int, int] = IMAGE_SHAPE) -> Tensor:
+    """A flat 0/1 mask (1 = observed) that hides the `side` half of a row-major image."""
+    h, w = shape
+    mask = torch.ones(h, w)
+    if side == "bottom":
+        mask[h // 2 :] = 0
+    elif side == "top":
+        mask[: h // 2] = 0
+    elif side == "left":
+        mask[:, : w // 2] = 0
+    elif side == "right":
+        mask[:, w // 2 :] = 0
+    else:
+        raise ValueError(f"mask side must be bottom, top, left or right, got {side!r}")
+    return mask.reshape(-1)
+
 
 def _update_latent(model: BiHM, hs: list[Tensor], l: int, S: int, generator: Generator) -> Tensor:
     """New h_l given its neighbours, by importance resampling over 2S + 1 candidates.

@@ -18,7 +18,9 @@ import torch
 from bihm import evaluation as ev
 from bihm.checkpoint import CHECKPOINT_FORMAT
 from bihm.errors import CheckpointError, torch_load_error
-from bihm.lightning import BiHMModule, EvalModule, half_mask
+from bihm.eval_module import EvalModule
+from bihm.gibbs import half_mask
+from bihm.lightning import BiHMModule
 from bihm.model import BiHM
 from bihm.rng import RowStreams
 from pipeline.config import (
