@@ -29,6 +29,7 @@ from bihm.errors import UserError
 from bihm.gibbs import half_mask
 from bihm.model import BiHM
 from bihm.rng import make_generator
+from bihm.subsets import in_spread_subset, labelled, subset_position
 
 # Running sums of a training epoch and of a validation, by name (see evaluation.Sums).
 TRAIN_SUMS = ["n", "loss", "log_p", "log_ptilde_star", "ess"]
@@ -60,14 +61,6 @@ def model_from_config(model_cfg: dict[str, Any]) -> BiHM:
         learn_std=model_cfg.get("learn_std", True),
         n_classes=model_cfg.get("labels", 0),
     )
-
-
-def labelled(idx: Tensor, fraction: float) -> Tensor:
-    """Which training examples keep their label (semi-supervised training): frac(idx * phi)
-    < fraction, with phi the golden ratio. A function of the index alone (the same examples
-    every epoch, on every rank), and close to the fraction over any range of consecutive
-    indices (a low-discrepancy sequence), so a data subset keeps the fraction too."""
-    return torch.frac(idx.double() * ((1 + math.sqrt(5)) / 2)) < fraction
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -258,8 +251,6 @@ class BiHMModule(ev.Collectives, pl.LightningModule):
     def _gibbs_examples(self, idx: Tensor, examples: int) -> Tensor:
         """Which of these validation examples the Gibbs inpainting uses: `examples` of them
         spread evenly over the validation images in use, the same on every rank."""
-        from data_shards.stream import in_spread_subset, subset_position
-
         count, n = self.trainer.datamodule.split_size("valid")
         position = subset_position(idx.cpu().numpy(), count, n)
         return torch.as_tensor(in_spread_subset(position, n, examples), device=idx.device)
