@@ -363,7 +363,7 @@ def bench_epoch(
     `limit` cuts the train and validation splits, and 2 log Z to 10 x limit samples (tests).
     """
     from bihm import evaluation as ev
-    from bihm.lightning import half_mask
+    from bihm.gibbs import half_mask
     from pipeline.config import load_config
 
     cfg = load_config(CONFIG)

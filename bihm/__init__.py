@@ -10,12 +10,22 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from bihm.model import ESS, BiHM, Estimates, LossOutput, log_mean_and_sem
+    from bihm.estimators import ESS, Estimates
+    from bihm.logspace import log_mean_and_sem
+    from bihm.model import BiHM
+    from bihm.objectives import LossOutput
 
+_HOMES = {
+    "BiHM": "bihm.model",
+    "ESS": "bihm.estimators",
+    "Estimates": "bihm.estimators",
+    "LossOutput": "bihm.objectives",
+    "log_mean_and_sem": "bihm.logspace",
+}
 __all__ = ["BiHM", "ESS", "Estimates", "LossOutput", "log_mean_and_sem"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        return getattr(importlib.import_module("bihm.model"), name)
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
     raise AttributeError(f"module 'bihm' has no attribute {name!r}")

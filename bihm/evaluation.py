@@ -10,7 +10,8 @@ ranks once, at the end, so a mean is the exact mean over the whole split. 2 log 
 Eq. 7) is estimated from N outer samples in fixed chunks, chunk c seeded by (seed, c) and
 taken by rank c mod world_size; the per-rank log-sum-exp partials of w and w^2 are
 combined by log-sum-exp. One process and many, and any batch size, give the same numbers
-up to the float rounding of the sums.
+up to the float rounding of the sums. The Lightning modules sum and gather across ranks
+through their strategy (`Collectives`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bihm.model import BiHM, Estimates, log_mean_and_sem
+from bihm.estimators import Estimates
+from bihm.logspace import log_mean_and_sem
+from bihm.model import BiHM
 from bihm.rng import RowStreams, make_generator
 
 # Purposes mixed into the seeds, so that no two uses share random numbers.
@@ -61,6 +64,10 @@ class Sums:
         """The global sums by name; `reduce_sum` sums a tensor over ranks (None: one rank)."""
         values = self._values if reduce_sum is None else reduce_sum(self._values.clone())
         return dict(zip(self.names, values.tolist(), strict=True))
+
+
+# The per-example estimates that validation and `bihm eval` reduce (`Estimates`' fields).
+ESTIMATES = [f.name for f in dataclasses.fields(Estimates)]
 
 
 def moment_names(name: str) -> list[str]:
@@ -279,3 +286,37 @@ def evaluation_table(
             "sem": log_pstar_sem(lpt_sem, two_log_z_sem),
         }
     return table
+
+
+# --------------------------------------------------------------------------- across ranks
+class Collectives:
+    """Exact cross-rank sums and gathers through the trainer's strategy (one rank: identity).
+
+    A mixin of the Lightning modules (`bihm.lightning.BiHMModule`,
+    `bihm.eval_module.EvalModule`): it uses only `self.trainer` and its strategy's
+    `reduce` and `all_gather`, so the modules run unchanged under any launcher."""
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self._trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def _reduce_sum(self, t: Tensor) -> Tensor:
+        if self._trainer is None or self.trainer.world_size == 1:
+            return t
+        return self.trainer.strategy.reduce(t.clone(), reduce_op="sum")
+
+    def _log_z2(self, model: BiHM, n: int, inner: int, chunk: int, seed: int, progress: bool):
+        """2 log Z (Eq. 7) and its SE: this rank's chunks, all-gathered, log-sum-exp."""
+        rank, world = self._rank_world()
+        part = log_z2_partial(model, n, inner, chunk, seed, rank, world, progress)
+        if world > 1:
+            part = self.trainer.strategy.all_gather(part)
+        return combine_log_z2(part, n)
+
+    def _show_progress(self) -> bool:
+        return (
+            self._trainer is not None
+            and self.trainer.is_global_zero
+            and self.trainer.progress_bar_callback is not None
+        )

@@ -14,7 +14,8 @@ log-densities, and every layer is sampled, so each conditional's gradient stays 
 (paper Sec. 2-3, Algorithm 1). A family therefore supplies exactly three things:
 log-densities, samples (drawn through `bihm.rng.uniform`, so per-row streams keep
 evaluation independent of batching), and the gradient of coef * log density with respect
-to a and log sigma, from which `BiHM._manual_grads` forms the parameter gradients.
+to a and log sigma, from which `bihm.objectives.layer_local_gradients` forms the
+parameter gradients.
 
 For a continuous layer p~*(x), p*(x) and Z^2 are densities and integrals instead of
 probabilities and sums; the estimators of `bihm-math.md` are unchanged (Eq. 7 holds with
@@ -63,6 +64,12 @@ def standard_normal(
     u = uniform((*shape, 2), generator, device, dtype)
     radius = torch.sqrt(-2.0 * torch.log1p(-u[..., 0]))  # 1 - u in (0, 1]: finite
     return radius * torch.cos(2.0 * math.pi * u[..., 1])
+
+
+def log_bernoulli(h: Tensor, logits: Tensor) -> Tensor:
+    """sum_i log Bern(h_i; sigmoid(a_i)) = sum_i [h_i a_i - softplus(a_i)], a clamped."""
+    a = logits.clamp(-LOGIT_CLAMP, LOGIT_CLAMP)
+    return (h * a - F.softplus(a)).sum(-1)
 
 
 class Bernoulli:

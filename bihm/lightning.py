@@ -1,9 +1,11 @@
-"""The BiHM as PyTorch Lightning modules: `BiHMModule` trains and validates,
-`EvalModule` runs the authors' test evaluation (`bihm eval`).
+"""Training a BiHM as a PyTorch Lightning module: `BiHMModule` trains with the BiHM or RWS
+objective (bihm/objectives.py: paper Algorithm 1, K samples h_k ~ q(h | x), weights w~)
+and validates with the estimators of `bihm-math.md` (log p, log p~*, 2 log Z, ESS, Gibbs
+inpainting). The test evaluation of a trained model (`bihm eval`) is bihm/eval_module.py.
 
 Launcher concerns (strategy, devices, nodes, cluster environment, loggers, callbacks) live
-in `pipeline/`, so these modules run unchanged under a plain Trainer, DDP, Ray Train or
-SLURM. They only use `self.trainer.world_size / global_rank` and the strategy's
+in `pipeline/`, so the module runs unchanged under a plain Trainer, DDP, Ray Train or
+SLURM. It only uses `self.trainer.world_size / global_rank` and the strategy's
 collectives (`reduce`, `all_gather`), and only at epoch ends for evaluation metrics. The
 estimators over a data set, and why one process and many give the same numbers, are in
 `bihm/evaluation.py`.
@@ -16,7 +18,6 @@ plain types, so checkpoints load with `weights_only=True`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -25,14 +26,14 @@ from torch import Tensor
 
 from bihm import evaluation as ev
 from bihm.errors import UserError
+from bihm.gibbs import half_mask
 from bihm.model import BiHM
 from bihm.rng import make_generator
-
-IMAGE_SHAPE = (28, 28)
+from bihm.subsets import in_spread_subset, labelled, subset_position
 
 # Running sums of a training epoch and of a validation, by name (see evaluation.Sums).
 TRAIN_SUMS = ["n", "loss", "log_p", "log_ptilde_star", "ess"]
-VAL_ESTIMATES = ["log_p", "log_ptilde_star", "ess_pstar", "ess_p"]
+VAL_ESTIMATES = ev.ESTIMATES
 # The training subset scored at each validation (the generalization gap): its log p and
 # log p~* under the same K and 2 log Z as the validation images.
 TRAIN_EVAL_ESTIMATES = ["log_p", "log_ptilde_star"]
@@ -62,67 +63,13 @@ def model_from_config(model_cfg: dict[str, Any]) -> BiHM:
     )
 
 
-def labelled(idx: Tensor, fraction: float) -> Tensor:
-    """Which training examples keep their label (semi-supervised training): frac(idx * phi)
-    < fraction, with phi the golden ratio. A function of the index alone (the same examples
-    every epoch, on every rank), and close to the fraction over any range of consecutive
-    indices (a low-discrepancy sequence), so a data subset keeps the fraction too."""
-    return torch.frac(idx.double() * ((1 + math.sqrt(5)) / 2)) < fraction
-
-
 class NonFiniteLossError(UserError, RuntimeError):
     """Training produced a non-finite loss or gradient; the optimiser step was not taken.
     A user error: the message names the step and what to change (usually optim.lr)."""
 
 
-def half_mask(side: str, shape: tuple[int, int] = IMAGE_SHAPE) -> Tensor:
-    """A flat 0/1 mask (1 = observed) that hides the `side` half of a row-major image."""
-    h, w = shape
-    mask = torch.ones(h, w)
-    if side == "bottom":
-        mask[h // 2 :] = 0
-    elif side == "top":
-        mask[: h // 2] = 0
-    elif side == "left":
-        mask[:, : w // 2] = 0
-    elif side == "right":
-        mask[:, w // 2 :] = 0
-    else:
-        raise ValueError(f"mask side must be bottom, top, left or right, got {side!r}")
-    return mask.reshape(-1)
-
-
-class _Collectives:
-    """Exact cross-rank sums and gathers through the trainer's strategy (one rank: identity)."""
-
-    def _rank_world(self) -> tuple[int, int]:
-        if self._trainer is None:
-            return 0, 1
-        return self.trainer.global_rank, self.trainer.world_size
-
-    def _reduce_sum(self, t: Tensor) -> Tensor:
-        if self._trainer is None or self.trainer.world_size == 1:
-            return t
-        return self.trainer.strategy.reduce(t.clone(), reduce_op="sum")
-
-    def _log_z2(self, model: BiHM, n: int, inner: int, chunk: int, seed: int, progress: bool):
-        """2 log Z (Eq. 7) and its SE: this rank's chunks, all-gathered, log-sum-exp."""
-        rank, world = self._rank_world()
-        part = ev.log_z2_partial(model, n, inner, chunk, seed, rank, world, progress)
-        if world > 1:
-            part = self.trainer.strategy.all_gather(part)
-        return ev.combine_log_z2(part, n)
-
-    def _show_progress(self) -> bool:
-        return (
-            self._trainer is not None
-            and self.trainer.is_global_zero
-            and self.trainer.progress_bar_callback is not None
-        )
-
-
 # --------------------------------------------------------------------------- module
-class BiHMModule(_Collectives, pl.LightningModule):
+class BiHMModule(ev.Collectives, pl.LightningModule):
     """Trains a `BiHM` with the BiHM or RWS objective; validates exactly across ranks."""
 
     def __init__(self, config: dict[str, Any]) -> None:
@@ -304,8 +251,6 @@ class BiHMModule(_Collectives, pl.LightningModule):
     def _gibbs_examples(self, idx: Tensor, examples: int) -> Tensor:
         """Which of these validation examples the Gibbs inpainting uses: `examples` of them
         spread evenly over the validation images in use, the same on every rank."""
-        from data_shards.stream import in_spread_subset, subset_position
-
         count, n = self.trainer.datamodule.split_size("valid")
         position = subset_position(idx.cpu().numpy(), count, n)
         return torch.as_tensor(in_spread_subset(position, n, examples), device=idx.device)
@@ -441,85 +386,3 @@ class BiHMModule(_Collectives, pl.LightningModule):
         self._log_dict(
             {k: val for k, val in m.items() if k != "epoch"}, prog_bar=("val/log_ptilde_star",)
         )
-
-
-class EvalModule(_Collectives, pl.LightningModule):
-    """The authors' evaluation of a trained model (`bihm eval`), as `trainer.test`:
-
-    for each K, the test means of log p(x), log p~*(x), log p*(x) = log p~*(x) - 2 log Z
-    with standard errors across examples, and the mean ESS of both weight kinds; 2 log Z
-    from `z_samples` outer samples of Eq. 7. A Gaussian visible layer adds bits per
-    dimension; a label node the classification errors of q(y | x) and p*(y | x) per K.
-    Everything is reduced exactly across ranks (see bihm/evaluation.py). After
-    `trainer.test`, `result` holds the table.
-    """
-
-    def __init__(
-        self,
-        model: BiHM,
-        *,
-        Ks: Sequence[int],
-        z_samples: int,
-        z_inner: int = 10,
-        z_chunk: int = 10_000,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        self.model = model
-        self.Ks = [int(k) for k in Ks]
-        self.z_samples, self.z_inner, self.z_chunk, self.seed = z_samples, z_inner, z_chunk, seed
-        self.names = [
-            n for K in self.Ks for e in VAL_ESTIMATES for n in ev.moment_names(f"{e}@{K}")
-        ] + [f"class.{name}@{K}" for K in self.Ks for name in ("n", "q", "pstar")]
-        self.result: dict[str, Any] | None = None
-        self._sums: ev.Sums | None = None
-
-    def on_test_epoch_start(self) -> None:
-        self._sums = ev.Sums(self.names, self.device)
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        x, idx = batch[0], batch[1]
-        for K in self.Ks:
-            est = ev.estimates(self.model, x, idx, K, self.seed)
-            for name in VAL_ESTIMATES:
-                self._sums.add_moments(f"{name}@{K}", getattr(est, name))
-            if self.model.n_classes:
-                errors = ev.classification_errors(self.model, x, batch[2], idx, K, self.seed)
-                for name, value in errors.items():
-                    self._sums.add(f"class.{name}@{K}", value)
-
-    def on_test_epoch_end(self) -> None:
-        sums = self._sums.reduced(self._reduce_sum)
-        two_log_z, z_sem = self._log_z2(
-            self.model,
-            self.z_samples,
-            self.z_inner,
-            self.z_chunk,
-            self.seed,
-            self._show_progress(),
-        )
-        result = ev.evaluation_table(sums, self.Ks, two_log_z, z_sem)
-        result["ess"] = {
-            str(K): {
-                "pstar": ev.moments_mean_and_sem(sums, f"ess_pstar@{K}")[0] / K,
-                "p": ev.moments_mean_and_sem(sums, f"ess_p@{K}")[0] / K,
-            }
-            for K in self.Ks
-        }
-        result["two_log_z"] = {"value": two_log_z, "sem": z_sem, "n": self.z_samples}
-        if self.model.families[0] == "gaussian":
-            result["bits_per_dim"] = {
-                name: {K: ev.bits_per_dim(self.model, e["mean"])["bpd"] for K, e in col.items()}
-                for name, col in result.items()
-                if name in ("log_p", "log_ptilde_star", "log_pstar")
-            }
-        result["n_examples"] = int(sums[f"log_p@{self.Ks[0]}.n"])
-        if self.model.n_classes:  # test error of the label node, from q(y|x) and p*(y|x)
-            result["classification"] = {
-                str(K): {
-                    kind: sums[f"class.{kind}@{K}"] / sums[f"class.n@{K}"]
-                    for kind in ("q", "pstar")
-                }
-                for K in self.Ks
-            }
-        self.result = result

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from data_shards import DATASETS
-from pipeline.argtypes import int_list, positive_int
+from data_shards.argtypes import int_list, positive_int
 
 
 def _prepare(args: argparse.Namespace) -> int:

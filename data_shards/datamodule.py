@@ -23,7 +23,7 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
     train loader reads the epoch each time an epoch starts iterating it (see EpochDataLoader),
     so no `reload_dataloaders_every_n_epochs` is needed. Validation and test see each sample
     exactly once over all ranks and workers. `*_limit` keeps that many samples,
-    spread evenly over the split (`spread_indices`).
+    spread evenly over the split (`bihm.subsets.spread_indices`).
     `train_eval` adds a second validation loader over a fixed, spread-out subset of the
     *training* images, scored like the validation images to show the generalization gap:
     0 (the default) none, None as many as the validation images in use, n that many.

@@ -37,6 +37,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from bihm.subsets import in_spread_subset
 from data_shards.shards import PACKED_BYTES, PIXELS, load_manifest, sample_key, verify_shards
 from data_shards.sources import DataError
 
@@ -51,35 +52,12 @@ class Shard:
     first_idx: int
 
 
-def spread_indices(count: int, n: int) -> np.ndarray:
-    """n indices spread evenly over range(count): floor(j * count / n) for j < n.
-
-    A subset of a split (`limit`) must represent the whole split: the standard binarized
-    MNIST test file is sorted by class, so its first images are all zeros.
-    """
-    n = min(n, count)
-    return np.arange(n, dtype=np.int64) * count // n
-
-
-def in_spread_subset(idx: np.ndarray | int, count: int, n: int) -> np.ndarray | bool:
-    """Whether idx is one of `spread_indices(count, n)`, without listing them."""
-    n = min(n, count)
-    j = subset_position(idx, count, n)  # ceil(idx * n / count)
-    return (j < n) & (j * count // n == np.asarray(idx))
-
-
-def subset_position(idx: np.ndarray | int, count: int, n: int) -> np.ndarray | int:
-    """The position j in `spread_indices(count, n)` of an index that is in it."""
-    n = min(n, count)
-    return -(-np.asarray(idx, dtype=np.int64) * n // count)
-
-
 @dataclass(frozen=True)
 class SplitSpec:
     """What a reader needs to know about one split (picklable, for DataLoader workers).
 
-    With a limit, the split is the `n` images at `spread_indices(count, n)`; position j of
-    the subset is image `index(j)`.
+    With a limit, the split is the `n` images at `bihm.subsets.spread_indices(count, n)`;
+    position j of the subset is image `index(j)`.
     """
 
     name: str

@@ -139,7 +139,8 @@ from IPython.display import Image, display
 from matplotlib.figure import Figure
 from pytorch_lightning.callbacks import TQDMProgressBar
 
-from bihm.lightning import BiHMModule, half_mask
+from bihm.gibbs import half_mask
+from bihm.lightning import BiHMModule
 from data_shards import BinarizedMNISTDataModule, load_manifest, prepare
 from pipeline.config import CONFIG_DIR, load_config
 from pipeline.evaluate import load_checkpoint
@@ -457,7 +458,7 @@ md(
     r"""
 ## Inpainting
 
-A mask $m$ (`bihm.lightning.half_mask`: 1 = observed pixel) hides one half of each digit.
+A mask $m$ (`bihm.gibbs.half_mask`: 1 = observed pixel) hides one half of each digit.
 `model.reconstruct(x, m)` is the plain baseline: $h \sim q(h \mid x)$ with the hidden pixels set
 to 0, then the hidden pixels from $p(x \mid h_1)$. `model.inpaint(x, m)` starts there and runs
 Gibbs sweeps on $p^*$ with the observed pixels clamped, so the filled-in half has to agree with

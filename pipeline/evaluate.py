@@ -16,9 +16,12 @@ import pytorch_lightning as pl
 import torch
 
 from bihm import evaluation as ev
+from bihm.checkpoint import CHECKPOINT_FORMAT
 from bihm.errors import CheckpointError, torch_load_error
-from bihm.lightning import BiHMModule, EvalModule, half_mask
-from bihm.model import CHECKPOINT_FORMAT, BiHM
+from bihm.eval_module import EvalModule
+from bihm.gibbs import half_mask
+from bihm.lightning import BiHMModule
+from bihm.model import BiHM
 from bihm.rng import RowStreams
 from pipeline.config import (
     Config,

@@ -10,8 +10,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from bihm.subsets import spread_indices
 from data_shards import BinarizedMNISTDataModule, eval_loader, train_loader, write_shards
-from data_shards.stream import in_spread_subset, spread_indices
 from tests.conftest import random_splits
 
 SIZES = {"train": 1000, "valid": 230, "test": 97}  # shard size 100: 10, 3 and 1 shards
@@ -116,19 +116,6 @@ def test_train_shuffle_differs_per_epoch_and_is_seeded(shards, shuffle):
     loader = train_loader(directory, batch_size=50, shuffle=shuffle, shuffle_buffer=300, seed=0)
     loader.set_epoch(1)
     assert torch.cat([idx for _, idx in loader]).tolist() == second
-
-
-def test_a_limited_subset_spans_the_whole_split():
-    """The standard test split is sorted by class: a subset must not be its first images."""
-    for count, n in ((10_000, 100), (97, 10), (10, 10), (5, 9), (1000, 999)):
-        idx = spread_indices(count, n)
-        assert len(idx) == min(n, count) == len(set(idx.tolist()))
-        m = min(n, count)
-        assert idx[0] == 0 and idx[-1] >= count - -(-count // m)  # reaches the end
-        gaps = np.diff(idx)
-        assert gaps.max() - gaps.min() <= 1 if len(gaps) else True  # evenly spread
-        member = in_spread_subset(np.arange(count), count, n)
-        assert np.flatnonzero(member).tolist() == idx.tolist()
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from bihm import BiHM
 from bihm import evaluation as ev
+from bihm import labels as label_node
 from tests.exact import all_binary, hidden_grid
 
 C = 3
@@ -144,7 +145,7 @@ def test_manual_gradients_equal_autograd_with_a_label_node(objective):
     gen = torch.Generator().manual_seed(9)  # the same draws: q pass, then the labels
     with torch.no_grad():
         hs = model._q_pass(x, K, gen)[0]
-        lab = model._q_label(hs[-2], y, gen)
+        lab = label_node.draw(model, hs[-2], y, gen)
     onehot, observed = lab.onehot, lab.observed
     log_p = model.log_p(hs, onehot)
     log_q_h = model.log_q(hs)

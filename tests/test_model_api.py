@@ -1,4 +1,5 @@
-"""The BiHM's public API: shapes, initialisation, seeding, checkpoints and bad input."""
+"""The BiHM's public API: shapes, initialisation, seeding and bad input (checkpoints:
+test_checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import pytest
 import torch
 
 from bihm import BiHM
-from bihm.errors import CheckpointError
 from tests.exact import assert_manual_grads_equal_autograd
 
 PAPER_SIZES = [784, 300, 200, 100, 75, 50, 35, 30, 25, 20, 15, 10, 10]
@@ -146,7 +146,7 @@ def test_logits_are_clamped_like_the_authors_clip():
 def test_the_clamp_is_exactly_the_authors_clip_at_1e_6():
     """sigmoid(a) clipped to [1e-6, 1 - 1e-6]: log-probabilities of a saturated unit are
     exactly log(1e-6) and log(1 - 1e-6), and unsaturated units are untouched."""
-    from bihm.model import log_bernoulli
+    from bihm.families import log_bernoulli
 
     big = torch.tensor([[1e4], [-1e4], [3.0]])
     on, off = torch.ones(3, 1), torch.zeros(3, 1)
@@ -176,7 +176,7 @@ def test_bihm_q_gradient_is_exactly_zero_with_one_sample():
 def test_standard_errors_use_n_minus_1():
     """mean_and_sem and log_mean_and_sem against the textbook formulas (ddof = 1)."""
     from bihm.evaluation import mean_and_sem
-    from bihm.model import log_mean_and_sem
+    from bihm.logspace import log_mean_and_sem
 
     v = [1.0, 2.0, 4.0, 7.0]
     mean, sem = mean_and_sem(sum(v), sum(x * x for x in v), len(v))
@@ -189,42 +189,6 @@ def test_standard_errors_use_n_minus_1():
     )
     assert log_mean == pytest.approx(math.log(3.5))
     assert log_sem == pytest.approx(sd / (2 * 3.5))
-
-
-def test_save_load_round_trip(tmp_path):
-    model = BiHM([8, 5, 3])
-    with torch.no_grad():
-        model.prior_logits.add_(0.25)
-    path = tmp_path / "sub" / "model.pt"
-    model.save(path)
-    assert not list(path.parent.glob("*.tmp")), "temporary file left behind"
-    payload = torch.load(path, weights_only=True)  # plain tensors and containers only
-    assert payload["layer_sizes"] == [8, 5, 3]
-    loaded = BiHM.load(path)
-    assert loaded.layer_sizes == [8, 5, 3]
-    for (name, a), (_, b) in zip(
-        model.state_dict().items(), loaded.state_dict().items(), strict=True
-    ):
-        assert torch.equal(a, b), name
-    x = binary(4, 8)
-    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    assert torch.equal(
-        model.log_likelihood(x, 5, generator=gen())[0],
-        loaded.log_likelihood(x, 5, generator=gen())[0],
-    )
-
-
-def test_load_rejects_bad_files(tmp_path):
-    with pytest.raises(CheckpointError, match="missing.pt"):
-        BiHM.load(tmp_path / "missing.pt")
-    garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="garbage.pt"):
-        BiHM.load(garbage)
-    other = tmp_path / "other.pt"
-    torch.save({"state_dict": {}}, other)
-    with pytest.raises(ValueError, match="not a BiHM checkpoint"):
-        BiHM.load(other)
 
 
 @pytest.mark.parametrize(
@@ -278,3 +242,45 @@ def test_manual_gradients_equal_autograd_of_the_surrogate(objective):
         for p in model.parameters():
             p.normal_(0, 3.0)  # large weights: some logits hit the clamp
     assert_manual_grads_equal_autograd(model, binary(5, 12, seed=1), 7, objective)
+
+
+def test_the_public_names_survive_the_split_into_modules():
+    """`from bihm import ...`, the names that bihm.model held before it was split, and the
+    model's methods are still there, and are the objects of the modules that now hold them."""
+    import bihm
+    import bihm.model
+    from bihm import checkpoint, estimators, gibbs, logspace, objectives
+
+    homes = {
+        "BiHM": bihm.model,
+        "ESS": estimators,
+        "Estimates": estimators,
+        "LossOutput": objectives,
+        "log_mean_and_sem": logspace,
+    }
+    for name, home in homes.items():
+        assert getattr(bihm, name) is getattr(home, name), name
+    for name in bihm.model.__all__:
+        assert hasattr(bihm.model, name), name
+    assert bihm.model.CHECKPOINT_FORMAT == checkpoint.CHECKPOINT_FORMAT == "bihm.BiHM"
+    methods = {
+        "loss": objectives.loss,
+        "estimates": estimators.estimates,
+        "log_likelihood": estimators.log_likelihood,
+        "ess": estimators.ess,
+        "log_z2_terms": estimators.log_z2_terms,
+        "estimate_log_z2": estimators.estimate_log_z2,
+        "classify": estimators.classify,
+        "gibbs_step": gibbs.gibbs_step,
+        "sample_pstar": gibbs.sample_pstar,
+        "reconstruct": gibbs.reconstruct,
+        "inpaint": gibbs.inpaint,
+        "save": checkpoint.save,
+    }
+    model = BiHM([6, 4, 3])
+    for name, function in methods.items():
+        assert getattr(model, name).__func__ is function, name
+    for name in ("load", "from_payload"):
+        assert getattr(BiHM, name).__func__ is getattr(checkpoint, name), name
+    for name in ("sample_p", "sample_q", "log_p", "log_q", "weight_matrices", "reset_parameters"):
+        assert callable(getattr(model, name)), name
