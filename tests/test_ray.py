@@ -236,8 +236,10 @@ def test_ray_two_workers_train_into_one_run_folder_and_one_wandb_run(
     proc = ray_train(["--config", str(path), "--workers", "2", "--max-failures", "0"], tmp_path)
     for line in RAY_NOISE + LIGHTNING_NOISE:
         assert line not in proc.stdout + proc.stderr, (line, proc.stderr[-5000:])
-    logs = "".join(p.read_text() for p in ray_tmpdir.glob("ray/session_*/logs/worker-*.err"))
-    assert RAY_NOISE[0] in logs  # still printed by Ray's worker, into its log file
+    # Whether Ray's PlacementGroupCleaner prints its lines at all depends on timing (the
+    # helper's split-branch run and a clean copy of the start commit did not get them), so
+    # their presence in Ray's log files is not asserted; the unit test of the filters
+    # checks the patterns against the real lines.
     assert proc.stdout.count(f"bihm train: done after {EPOCHS} epochs") == 1, proc.stdout
     rows = read_metrics(run_dir)
     assert [r["epoch"] for r in rows] == [str(e) for e in range(EPOCHS)]
