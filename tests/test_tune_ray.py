@@ -123,6 +123,32 @@ def test_trial_workers_default_to_the_sweeps_resources_and_must_fit_the_cluster(
     assert concurrent_trials(more, {"CPU": 13.0}, scaling) == 2  # what the cluster holds
 
 
+def test_a_sweep_resumes_with_the_workers_per_trial_it_was_started_with(
+    tmp_path, monkeypatch, capsys
+):
+    """sweep.json keeps the trials' workers; `--resume` with other ones is refused before
+    Ray starts (without any, the sweep's own are used)."""
+    import ray
+
+    monkeypatch.chdir(tmp_path)
+    path = make_sweep(tmp_path)
+    out = tmp_path / "runs" / "s"
+    (out / "tune").mkdir(parents=True)
+    (out / "tune" / "tuner.pkl").write_bytes(b"")  # what Tuner.can_restore looks for
+    started = {"num_samples": 1, "overrides": [], "scaling": None}
+    (out / "sweep.json").write_text(json.dumps(started))
+    assert main(["tune", "--config", str(path), "--resume", "--workers-per-trial", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--resume: the sweep was started with one-worker" in err
+    started["scaling"] = TrialScaling(workers=2, cpus_per_worker=1.0).to_dict()
+    (out / "sweep.json").write_text(json.dumps(started))
+    argv = ["tune", "--config", str(path), "--resume", "--workers-per-trial", "2"]
+    assert main([*argv, "--cpus-per-worker", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert '--resume: the sweep was started with {"workers": 2, "cpus_per_worker": 1.0' in err
+    assert not ray.is_initialized()
+
+
 def test_optuna_without_the_tune_extra_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "optuna", None)  # `import optuna` raises ImportError
     path = make_sweep(tmp_path, search_alg="optuna")
