@@ -201,12 +201,15 @@ class SlurmJob:
     account: str | None = None
     tune: Path | None = None
     python: str = sys.executable
+    trial_args: tuple[str, ...] = ()
+    """`bihm tune`'s --workers-per-trial/--cpus-per-worker/--gpus-per-worker, as given."""
 
     def bihm_command(self) -> list[str]:
         """The command line the job runs (with "$PYTHON" for the environment's Python)."""
         sets = [a for o in self.overrides for a in ("--set", o)]
         if self.tune is not None:
-            return ["tune", "--config", str(self.tune), *sets, "--address", "$address"]
+            cmd = ["tune", "--config", str(self.tune), *sets, "--address", "$address"]
+            return [*cmd, *self.trial_args]
         cmd = ["train", "--config", str(self.config), *sets]
         if self.launcher == "ddp":
             return [*cmd, "--devices", str(self.tasks_per_node), "--num-nodes", str(self.nodes)]
@@ -283,6 +286,7 @@ def slurm_job(args: argparse.Namespace, cwd: Path) -> tuple[SlurmJob, list[str]]
             raise SubmitError(f"--{flag.replace('_', '-')}: unexpected characters in {value!r}")
     if args.tune is not None and args.launcher == "ddp":
         raise SubmitError("--tune: sweeps run on Ray; use --launcher ray")
+    trial_args = multi_worker_trial_args(args)
     job_cfg = load_job_config(args.config, args.tune, args.set)
     accelerator = job_cfg.cfg.train.accelerator
     if args.tune is None and args.gpus_per_node and accelerator == "cpu":
@@ -329,8 +333,42 @@ def slurm_job(args: argparse.Namespace, cwd: Path) -> tuple[SlurmJob, list[str]]
         account=args.account,
         tune=tune,
         python=args.python or sys.executable,
+        trial_args=trial_args,
     )
     return job, warnings
+
+
+def multi_worker_trial_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """`--workers-per-trial N [--gpus-per-worker G] [--cpus-per-worker C]` for `bihm tune`
+    (each trial a Ray Train run of N workers), checked against the allocation."""
+    workers = getattr(args, "workers_per_trial", None)
+    gpus = getattr(args, "gpus_per_worker", None)
+    cpus = getattr(args, "cpus_per_worker", None)
+    if workers is None:
+        for flag, value in (("--gpus-per-worker", gpus), ("--cpus-per-worker", cpus)):
+            if value is not None:
+                raise SubmitError(f"{flag}: only with --tune and --workers-per-trial")
+        return ()
+    if args.tune is None:
+        raise SubmitError("--workers-per-trial: only with --tune (the workers of each trial)")
+    if workers < 1:
+        raise SubmitError(f"--workers-per-trial: must be >= 1, got {workers}")
+    out = ["--workers-per-trial", str(workers)]
+    for flag, value, least, total, per in (
+        ("--gpus-per-worker", gpus, 0, args.nodes * args.gpus_per_node, "--gpus-per-node"),
+        ("--cpus-per-worker", cpus, 1e-9, args.nodes * args.cpus_per_task, "--cpus-per-task"),
+    ):
+        if value is None:  # bihm tune's default: the sweep's resources
+            continue
+        if value < least:
+            raise SubmitError(f"{flag}: must be {'>= 0' if least == 0 else '> 0'}, got {value:g}")
+        if workers * value > total:
+            raise SubmitError(
+                f"{flag} {value:g}: a trial of {workers} workers needs {workers * value:g}, "
+                f"the allocation has {total} (--nodes x {per})"
+            )
+        out += [flag, f"{value:g}"]
+    return tuple(out)
 
 
 def submit_slurm(args: argparse.Namespace) -> int:
@@ -553,6 +591,9 @@ def register(subparsers) -> None:
         help="ray: a Ray cluster in the allocation (default); ddp: srun + Lightning DDP",
     )
     s.add_argument("--tune", type=Path, default=None, help="run `bihm tune` on this sweep file")
+    s.add_argument("--workers-per-trial", type=int, default=None, help="--tune: Ray Train workers")
+    s.add_argument("--gpus-per-worker", type=float, default=None, help="--tune, per trial worker")
+    s.add_argument("--cpus-per-worker", type=float, default=None, help="--tune, per trial worker")
     s.add_argument("--log-dir", type=Path, default=Path("runs/slurm"), help="SLURM log folder")
     s.add_argument("--python", default=None, help="Python on the nodes (default: this one)")
     s.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")

@@ -50,6 +50,13 @@ RAY_STORAGE = "ray"
 """Ray Train's storage inside the run folder: reported checkpoints and its run state."""
 
 
+class StopRequested(Exception):
+    """Raised by a worker callback on every rank at the same step (a decision all-reduced
+    over the ranks) to end the run early; `train_worker` then returns normally, so Ray
+    Train ends the run as finished, releases its workers and is not restarted. A Tune
+    trial stopped by its scheduler ends so (pipeline/tune.py)."""
+
+
 def run_ray_training(
     cfg: Config,
     *,
@@ -215,8 +222,14 @@ def fit_on_ray(
     gpus_per_worker: float,
     max_failures: int,
     extra_callbacks: list[Callback],
+    run_callbacks: list | tuple = (),
 ):
-    """Run the TorchTrainer; a failed run (after its retries) is a TrainingError."""
+    """Run the TorchTrainer; a failed run (after its retries) is a TrainingError.
+
+    extra_callbacks: Lightning callbacks for every worker (before Ray's report callback,
+    so that what they log at an epoch's end is in that epoch's report). run_callbacks:
+    Ray Train callbacks of the run (`ray.train.UserCallback`, e.g. Tune's reporting).
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -251,6 +264,7 @@ def fit_on_ray(
             storage_path=str(run_dir),
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=list(run_callbacks),
         ),
     )
     try:
@@ -332,7 +346,7 @@ def train_worker(config: dict[str, Any]) -> None:
         accelerator=config["accelerator"],
         strategy=RayDDPStrategy(),
         plugins=[RayLightningEnvironment()],
-        extra_callbacks=[RayTrainReportCallback(), *config["callbacks"]],
+        extra_callbacks=[*config["callbacks"], RayTrainReportCallback()],
     )
     trainer = prepare_trainer(trainer)
     with contextlib.ExitStack() as stack:
@@ -350,7 +364,11 @@ def train_worker(config: dict[str, Any]) -> None:
         ckpt_path = latest_checkpoint(candidates)
         if rank == 0 and ckpt_path:
             print(f"bihm: resuming from {ckpt_path}", file=sys.stderr, flush=True)
-        fit(trainer, module, datamodule, ckpt_path)
+        try:
+            fit(trainer, module, datamodule, ckpt_path)
+        except StopRequested as stop:
+            if rank == 0:
+                print(f"bihm: stopped: {stop}", file=sys.stderr, flush=True)
 
 
 def latest_checkpoint(paths: list[str]) -> str | None:

@@ -10,20 +10,27 @@ A sweep file (YAML) names a base training config and a search space over its dot
       train.K: {choice: [5, 10]}
       model.layers: {choice: [[784, 32, 16], [784, 64, 16]]}
       set: {grid: [{}, {optim.l2: 1.0e-4, optim.lr: 3.0e-3}]}   # bundles ("recipes")
+    search_alg: random           # grid and random sampling; or optuna (TPE, no grid)
     metric: val/log_ptilde_star  # reported every epoch; mode max
-    num_samples: 4
+    num_samples: 4               # with optuna: the number of trials (the budget)
     max_epochs: 3
     scheduler: {type: asha, grace_period: 1, reduction_factor: 2}   # or {type: none}
-    resources: {cpu: 1, gpu: 0}            # per trial
+    resources: {cpu: 1, gpu: 0}            # per trial (per worker with --workers-per-trial)
     max_concurrent_trials: 2
 
 The whole sweep is checked before Ray starts: every search value (each choice, both bounds)
 is applied to the base config and validated by `pipeline.config`, so a bad key or value is a
-one-line `ConfigError` naming it. Each trial runs `pipeline.train.run_training`, the code of
-`bihm train`, as a single worker in the trial's process, with a Lightning callback that
-reports the epoch's metrics and `last.ckpt` to Tune after every validation (so ASHA can stop
-it, and an interrupted sweep resumes from it). A trial that raises is recorded as failed and
-the sweep goes on.
+one-line `ConfigError` naming it. By default each trial runs `pipeline.train.run_training`,
+the code of `bihm train`, as a single worker in the trial's process, with a Lightning
+callback that reports the epoch's metrics and `last.ckpt` to Tune after every validation (so
+ASHA can stop it, and an interrupted sweep resumes from it). With `--workers-per-trial N`
+each trial is instead a Ray Train run of N workers, the code of `bihm train --launcher ray`
+(see `run_ray_trial`). A trial that raises is recorded as failed and the sweep goes on.
+
+`search_alg: optuna` samples with Optuna's TPE (`ray.tune.search.optuna.OptunaSearch`, the
+optional extra `pip install -e ".[tune]"`): each trial's values are chosen from the results
+of the trials before it. Optuna's categories are plain values, so a choice of lists or of
+bundles is searched as the choice of their JSON texts, decoded in the trial.
 
 Sweep folder `runs/<name>/`:
     results.csv        one row per trial: status, searched values, epochs, final/best metric
@@ -31,6 +38,7 @@ Sweep folder `runs/<name>/`:
     trials.png         the metric against the epoch for every trial
     trials/<id>/       each trial's run folder (config.yaml, metrics.csv, checkpoints/, ...)
     tune/              Ray Tune's experiment state (what `--resume` restores)
+    sweep.json         what `--resume` needs besides: trial count, --set, workers per trial
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -77,6 +86,13 @@ RESERVED_KEYS = ("name", "run_dir")
 # The search key whose values are bundles of settings, searched as one: e.g. a grid over
 # recipes that differ in several keys at once, which a product of per-key grids cannot say.
 BUNDLE_KEY = "set"
+# Reported with every epoch: the epochs a trial has trained, ASHA's time. Not Tune's
+# training_iteration, which counts reports: when a worker of a multi-worker trial fails, Ray
+# Train can restart the run past an epoch whose report it lost, or before one it has.
+EPOCHS_DONE = "epochs_done"
+OPTUNA_EXTRA = 'pip install -e ".[tune]"'
+LAST_CKPT = "last.ckpt"
+"""The file of a Tune checkpoint: the trial's checkpoint of the reported epoch."""
 
 
 class SweepInterrupted(RuntimeError):
@@ -104,10 +120,13 @@ class SweepSpec:
     base: str = ""
     name: str | None = None
     run_dir: str | None = None
+    search_alg: Literal["random", "optuna"] = "random"
+    """random: Ray Tune's grid and random sampling; optuna: Optuna's TPE (extra `tune`)."""
     metric: str = "val/log_ptilde_star"
     mode: Literal["max", "min"] = "max"
     num_samples: int = 1
-    """Samples of the search space; a grid is repeated num_samples times (Ray Tune)."""
+    """Samples of the search space; a grid is repeated num_samples times (Ray Tune). With
+    optuna: the number of trials."""
     max_epochs: int | None = None
     """Epochs per trial (ASHA's max_t); null = the base config's train.max_epochs."""
     max_concurrent_trials: int | None = None
@@ -115,6 +134,11 @@ class SweepSpec:
     """Seeds the random search: the same trials on every run of the sweep file."""
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
+
+
+def _is_plain(value: Any) -> bool:
+    """A value Optuna takes as a category: None, bool, int, float or str."""
+    return value is None or isinstance(value, bool | int | float | str)
 
 
 @dataclass(frozen=True)
@@ -125,10 +149,21 @@ class Param:
     kind: str
     values: tuple
 
-    def domain(self) -> Any:
+    def as_json(self, search_alg: str) -> bool:
+        """Whether Tune sees this choice as the JSON texts of its values: Optuna's
+        categories are plain values, and a list or a bundle (dict) is none."""
+        return (
+            search_alg == "optuna"
+            and self.kind == "choice"
+            and not all(_is_plain(v) for v in self.values)
+        )
+
+    def domain(self, search_alg: str = "random") -> Any:
         from ray import tune
 
         if self.kind == "choice":
+            if self.as_json(search_alg):
+                return tune.choice([json.dumps(v) for v in self.values])
             return tune.choice(list(self.values))
         if self.kind == "grid":
             return tune.grid_search(list(self.values))
@@ -165,6 +200,24 @@ class Sweep:
     @property
     def max_epochs(self) -> int:
         return self.spec.max_epochs or config_from_dict(self.base).train.max_epochs
+
+    def param_space(self) -> dict[str, Any]:
+        """Tune's search space: a domain per searched key."""
+        return {p.key: p.domain(self.spec.search_alg) for p in self.params}
+
+    @property
+    def json_keys(self) -> tuple[str, ...]:
+        """The searched keys whose values Tune holds as JSON text (see Param.as_json)."""
+        return tuple(p.key for p in self.params if p.as_json(self.spec.search_alg))
+
+
+def decode_params(params: dict[str, Any], json_keys: tuple[str, ...] | list[str]) -> dict:
+    """A trial's searched values as config values: JSON texts decoded, numpy scalars as
+    Python numbers."""
+    return {
+        k: json.loads(v) if k in json_keys and isinstance(v, str) else _plain(v)
+        for k, v in params.items()
+    }
 
 
 def _override(key: str, value: Any) -> str:
@@ -307,6 +360,8 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] = ()) -> Sweep:
                 config_from_dict(apply_params(base, {p.key: value}))
             except ConfigError as err:
                 raise ConfigError(f"{path}: search key {p.key!r} value {value!r}: {err}") from None
+    if spec.search_alg == "optuna":
+        check_optuna(path, params)
     sweep = Sweep(path, name, spec, params, base, list(overrides))
     if s.type == "asha" and s.grace_period > sweep.max_epochs:
         raise ConfigError(
@@ -314,6 +369,25 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] = ()) -> Sweep:
             f"the {sweep.max_epochs} epochs of a trial"
         )
     return sweep
+
+
+def check_optuna(path: Path, params: list[Param]) -> None:
+    """`search_alg: optuna` needs the extra `tune` and a space without grids."""
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            f"{path}: sweep key 'search_alg': optuna is not installed; install the extra "
+            f"`tune` ({OPTUNA_EXTRA})"
+        ) from None
+    if not params:
+        raise ConfigError(f"{path}: sweep key 'search_alg': optuna needs a 'search' space")
+    for p in params:
+        if p.kind == "grid":
+            raise ConfigError(
+                f"{path}: search key {p.key!r}: grid is for search_alg random; optuna "
+                f"samples, use {{choice: [...]}}"
+            )
 
 
 # --------------------------------------------------------------------------- one trial
@@ -327,7 +401,7 @@ class TuneReportCallback(Callback):
     """
 
     def __init__(self, run_dir: str | os.PathLike) -> None:
-        self.last = Path(run_dir) / "checkpoints" / "last.ckpt"
+        self.last = Path(run_dir) / "checkpoints" / LAST_CKPT
         self.pending: dict[str, float] | None = None
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -344,15 +418,55 @@ class TuneReportCallback(Callback):
     def _report(self, final: bool) -> None:
         if self.pending is None:
             return
-        from ray import tune
-
         metrics, self.pending = {**self.pending, "final": final}, None
-        with tempfile.TemporaryDirectory(dir=self.last.parent) as tmp:
-            try:  # a hard link: last.ckpt is replaced by rename, never rewritten in place
-                os.link(self.last, Path(tmp) / self.last.name)
+        metrics[EPOCHS_DONE] = int(metrics["epoch"]) + 1
+        report_with_checkpoint(metrics, self.last, self.last.parent)
+
+
+def report_with_checkpoint(
+    metrics: dict[str, Any], ckpt: Path, tmp_parent: Path, missing_ok: bool = False
+) -> None:
+    """tune.report with the checkpoint file `ckpt` as the Tune checkpoint (its LAST_CKPT).
+
+    A hard link (the checkpoints are replaced by rename, never rewritten in place), made in
+    a temporary folder under `tmp_parent`, on the same file system; Tune copies it into
+    the trial's folder before `report` returns. missing_ok: without the file (gone since),
+    report the metrics alone.
+    """
+    from ray import tune
+
+    tmp_parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=tmp_parent) as tmp:
+        try:
+            try:
+                os.link(ckpt, Path(tmp) / LAST_CKPT)
+            except FileNotFoundError:
+                raise
             except OSError:
-                shutil.copy2(self.last, Path(tmp) / self.last.name)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+                shutil.copy2(ckpt, Path(tmp) / LAST_CKPT)
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
+            tune.report(metrics)
+            return
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def restore_trial_dir(run_dir: Path, checkpoint: Any) -> bool:
+    """A trial that Tune (re)starts: with a Tune checkpoint (`Tuner.restore`), its file
+    becomes the run folder's last.ckpt and the trial resumes from it (returns True);
+    without one, the trial starts in a fresh run folder (returns False)."""
+    last = run_dir / "checkpoints" / LAST_CKPT
+    if checkpoint is None:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        return False
+    with checkpoint.as_directory() as src:
+        last.parent.mkdir(parents=True, exist_ok=True)
+        tmp = last.with_name(f".{last.name}.restore")
+        shutil.copyfile(Path(src) / LAST_CKPT, tmp)
+        os.replace(tmp, last)
+    return True
 
 
 @dataclass(frozen=True)
@@ -369,11 +483,13 @@ class TrialSettings:
     cpu_threads: int
     verbose: bool = True
     """False: the trial hides the known noise of the libraries, as `bihm` does by default."""
+    json_keys: tuple[str, ...] = ()
+    """Searched keys whose values Tune holds as JSON text (Param.as_json)."""
 
 
 def trial_config(settings: TrialSettings, params: dict[str, Any], trial_id: str) -> dict:
     """A trial's full config: base + sampled values + the trial's own run folder."""
-    data = apply_params(settings.base, params)
+    data = apply_params(settings.base, decode_params(params, settings.json_keys))
     data["name"] = f"{settings.sweep_name}-{trial_id}"
     data["run_dir"] = str(Path(settings.sweep_dir) / TRIALS_DIR / trial_id)
     data["data"]["shard_dir"] = str(Path(settings.cwd) / data["data"]["shard_dir"])
@@ -401,31 +517,289 @@ def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
     trial_id = tune.get_context().get_trial_id()
     cfg = config_from_dict(trial_config(settings, params, trial_id))
     run_dir = cfg.resolved_run_dir()
-    last = run_dir / "checkpoints" / "last.ckpt"
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as src:
-            last.parent.mkdir(parents=True, exist_ok=True)
-            tmp = last.with_name(f".{last.name}.restore")
-            shutil.copyfile(Path(src) / last.name, tmp)
-            os.replace(tmp, last)
-    elif run_dir.exists():
-        shutil.rmtree(run_dir)
+    resume = restore_trial_dir(run_dir, tune.get_checkpoint())
     run_training(
         cfg,
         devices=1,
         num_nodes=1,
-        resume=checkpoint is not None,
+        resume=resume,
         extra_callbacks=[TuneReportCallback(run_dir)],
     )
 
 
-def build_trainable(sweep: Sweep, cwd: str | os.PathLike | None = None) -> Any:
-    """The trainable Tune runs for each trial, with its resources.
+# --------------------------------------------------------------------------- multi-worker
+@dataclass(frozen=True)
+class TrialScaling:
+    """`--workers-per-trial`: each trial a Ray Train run of `workers` workers, each with
+    `cpus_per_worker` CPUs and `gpus_per_worker` GPUs, restarted from its last checkpoint
+    at most `max_failures` times when a worker fails."""
 
-    This is the seam for other launchers: a multi-worker trial (a Ray Train TorchTrainer
-    running `run_training` on several workers) plugs in here instead of `run_trial`.
+    workers: int
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_failures: int = 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "workers": self.workers,
+            "cpus_per_worker": self.cpus_per_worker,
+            "gpus_per_worker": self.gpus_per_worker,
+            "max_failures": self.max_failures,
+        }
+
+
+# What a trial's driver process (the Tune trial, which only starts the Ray Train run and
+# waits for it) reserves: no CPU, so that the workers can have every CPU of the cluster,
+# but Ray needs a resource to place it by, and its memory is that of a Python process that
+# has imported torch and Ray.
+TRIAL_DRIVER_MEMORY = 512 * 2**20
+STOP_FILE = "stop-requested"
+"""In a multi-worker trial's run folder while Tune stops the trial (see StopOnTuneStop)."""
+STOP_CHECK_EVERY = 10
+"""Training steps between the workers' checks for STOP_FILE (each one an all-reduce)."""
+STOP_TIMEOUT_S = 540.0
+"""How long a stopped trial waits for its workers to end, below Tune's forced cleanup
+(TUNE_FORCE_TRIAL_CLEANUP_S, 600 s)."""
+
+
+def trial_scaling(
+    sweep: Sweep,
+    workers: int | None,
+    cpus_per_worker: float | None = None,
+    gpus_per_worker: float | None = None,
+    max_failures: int | None = None,
+) -> TrialScaling | None:
+    """The trials' scaling from the CLI flags; per-worker resources default to the sweep's
+    `resources`. None: one-worker trials. One-line errors name the flag."""
+    if workers is None:
+        given = [
+            flag
+            for flag, value in (
+                ("--cpus-per-worker", cpus_per_worker),
+                ("--gpus-per-worker", gpus_per_worker),
+                ("--max-failures", max_failures),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ConfigError(f"{given[0]} needs --workers-per-trial")
+        return None
+    scaling = TrialScaling(
+        workers=workers,
+        cpus_per_worker=sweep.spec.resources.cpu if cpus_per_worker is None else cpus_per_worker,
+        gpus_per_worker=sweep.spec.resources.gpu if gpus_per_worker is None else gpus_per_worker,
+        max_failures=2 if max_failures is None else max_failures,
+    )
+    if scaling.workers < 1:
+        raise ConfigError(f"--workers-per-trial must be >= 1, got {scaling.workers}")
+    if not scaling.cpus_per_worker > 0 or scaling.gpus_per_worker < 0:
+        raise ConfigError("--cpus-per-worker must be > 0 and --gpus-per-worker >= 0")
+    if scaling.max_failures < -1:
+        raise ConfigError(f"--max-failures must be >= -1, got {scaling.max_failures}")
+    accelerator = config_from_dict(sweep.base).train.accelerator
+    if scaling.gpus_per_worker and accelerator == "cpu":
+        raise ConfigError(
+            f"--gpus-per-worker {scaling.gpus_per_worker:g} (or resources.gpu) but the base "
+            f"config's train.accelerator is cpu; --set train.accelerator=gpu"
+        )
+    if not scaling.gpus_per_worker and accelerator == "gpu":
+        raise ConfigError("train.accelerator is gpu: give each worker one (--gpus-per-worker)")
+    return scaling
+
+
+class TrialWorkerCallback(Callback):
+    """On every worker of a multi-worker trial.
+
+    At each epoch's end it logs `final` (1 when training ends after this epoch: its last
+    epoch, early stopping or the time limit), which Ray's report callback, after it, sends
+    with the epoch's metrics. Every STOP_CHECK_EVERY steps, and before validation, the ranks
+    agree (all-reduce) whether STOP_FILE exists; if it does, all of them raise StopRequested
+    at the same point and the Ray Train run ends (see StopOnTuneStop).
     """
+
+    def __init__(self, stop_file: str | os.PathLike) -> None:
+        self.stop_file = str(stop_file)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if batch_idx % STOP_CHECK_EVERY == 0:
+            self._check(trainer)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        # Validation (2 log Z, Gibbs inpainting) can take long; every rank starts it.
+        if trainer.state.fn == "fit":
+            self._check(trainer)
+
+    def _check(self, trainer) -> None:
+        stop = trainer.strategy.reduce_boolean_decision(os.path.exists(self.stop_file), all=False)
+        if stop:
+            from pipeline.ray_launcher import StopRequested
+
+            raise StopRequested(f"Ray Tune stopped the trial (epoch {trainer.current_epoch})")
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        final = trainer.should_stop or trainer.current_epoch + 1 >= trainer.max_epochs
+        # Not for the loggers (wandb): for the report to Tune only. The same on every rank.
+        pl_module.log("final", float(final), logger=False, sync_dist=True, reduce_fx="max")
+
+
+def tune_result(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What Tune gets from a Ray Train report of rank 0: every metric of METRICS (NaN when
+    Lightning logged none, i.e. a non-finite value: Tune fails a trial whose result lacks
+    the sweep's metric), the epochs done, and `final` as a bool."""
+    out = {key: math.nan for key in METRICS}
+    out.update(metrics)
+    out[EPOCHS_DONE] = int(out["epoch"]) + 1
+    out["final"] = bool(out.get("final", False))
+    return out
+
+
+def forward_reports_callback(reports: Any) -> Any:
+    """A Ray Train callback that puts each report of the run, (rank 0's metrics, the
+    checkpoint's folder), on the queue `reports`, which the Tune trial reads.
+
+    It runs in the Ray Train controller, after the report was saved. Made here (not at the
+    top of the module) so that importing this module does not import Ray.
+    """
+    from ray.train import UserCallback
+
+    class ForwardReports(UserCallback):
+        def __init__(self, reports: Any) -> None:
+            self.reports = reports
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            self.reports.put((metrics[0], checkpoint.path if checkpoint else None))
+
+    return ForwardReports(reports)
+
+
+@dataclass
+class _RunningTrial:
+    stop_file: Path
+    done: threading.Event
+    """Set when the trial's Ray Train run ended."""
+    stopping: bool = False
+    """Tune stops the trial: it takes no more reports."""
+
+
+# The multi-worker trials running in this process (one, in a Tune trial's actor).
+_RUNNING: dict[str, _RunningTrial] = {}
+
+
+class StopOnTuneStop:
+    """Mixed into the Tune trainable of a multi-worker trial (`__mixins__`).
+
+    Tune stops a trial (ASHA, the end of a sweep) by calling `stop()` and then ending the
+    trial's actor, which would kill the Ray Train run it started with its workers: rank 0's
+    wandb run unfinished, and the run's placement group kept (Ray's cleaner of it needs the
+    dashboard), so the next trials wait for CPUs that nobody uses. Here `stop()` first asks
+    the workers to stop (STOP_FILE, see TrialWorkerCallback) and waits for the run to end.
+    """
+
+    def cleanup(self) -> None:
+        running = _RUNNING.get(self.trial_id)
+        if running is not None and not running.done.is_set():
+            from bihm.atomic import atomic_write_text
+
+            running.stopping = True
+            atomic_write_text(running.stop_file, "stopped by Ray Tune\n")
+            running.done.wait(STOP_TIMEOUT_S)
+        super().cleanup()
+
+
+def run_ray_trial(
+    params: dict[str, Any],
+    settings: TrialSettings,
+    scaling: TrialScaling,
+    extra_callbacks: list[Callback] | tuple = (),
+) -> None:
+    """One multi-worker trial: a Ray Train run of `bihm train --launcher ray`'s workers,
+    started from the Tune trial (Ray's pattern for tuning Ray Train runs).
+
+    The run trains in a thread of this process; this one reports each epoch of rank 0 to
+    Tune, in order, with the epoch's Ray checkpoint as the Tune checkpoint, so that a trial
+    is checkpointed, resumed and stopped as a one-worker trial is: restored by
+    `Tuner.restore`, it continues from the Tune checkpoint (a Ray Train run that got further
+    before the sweep was interrupted is dropped: Tune has seen none of its later epochs);
+    restarted without one, it starts afresh. A worker that fails is Ray Train's to restart
+    (`scaling.max_failures`), within the same run.
+    """
+    from ray import tune
+    from ray.train.lightning import RayTrainReportCallback
+    from ray.util.queue import Empty, Queue
+
+    from pipeline import quiet
+    from pipeline.ray_launcher import RAY_STORAGE, fit_on_ray
+    from pipeline.train import start_run_dir
+
+    quiet.install(verbose=settings.verbose)
+    trial_id = tune.get_context().get_trial_id()
+    cfg = config_from_dict(trial_config(settings, params, trial_id))
+    run_dir = cfg.resolved_run_dir()
+    if restore_trial_dir(run_dir, tune.get_checkpoint()):
+        shutil.rmtree(run_dir / RAY_STORAGE, ignore_errors=True)
+        (run_dir / STOP_FILE).unlink(missing_ok=True)
+    start_run_dir(cfg)  # config.yaml and the wandb run id (a resumed trial keeps its own)
+    running = _RUNNING[trial_id] = _RunningTrial(run_dir / STOP_FILE, threading.Event())
+    reports = Queue(actor_options={"num_cpus": 0})
+    errors: list[BaseException] = []
+
+    def train() -> None:
+        try:
+            fit_on_ray(
+                cfg,
+                run_dir=run_dir,
+                shard_dir=Path(cfg.data.shard_dir),
+                workers=scaling.workers,
+                cpus_per_worker=scaling.cpus_per_worker,
+                gpus_per_worker=scaling.gpus_per_worker,
+                max_failures=scaling.max_failures,
+                extra_callbacks=[TrialWorkerCallback(running.stop_file), *extra_callbacks],
+                run_callbacks=[forward_reports_callback(reports)],
+            )
+        except BaseException as err:
+            errors.append(err)
+        finally:
+            running.done.set()
+
+    thread = threading.Thread(target=train, name=f"ray-train-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        while not running.stopping:
+            # Every report is queued before the run ends: once `done`, an empty queue is
+            # the end.
+            finished = running.done.is_set()
+            try:
+                metrics, folder = reports.get(timeout=0.5)
+            except Empty:
+                if finished:
+                    break
+                continue
+            if folder is None:
+                tune.report(tune_result(metrics))
+                continue
+            # missing_ok: Ray Train keeps only its 2 newest checkpoints.
+            ckpt = Path(folder) / RayTrainReportCallback.CHECKPOINT_NAME
+            report_with_checkpoint(tune_result(metrics), ckpt, run_dir / "checkpoints", True)
+    finally:
+        running.done.wait(STOP_TIMEOUT_S)
+        _RUNNING.pop(trial_id, None)
+    if running.stopping:
+        # Tune stopped the trial and ends its session: end as its own report would
+        # (Tune's runner takes SystemExit(0) for a trial that was told to stop).
+        raise SystemExit(0)
+    if errors:
+        raise errors[0]
+
+
+def build_trainable(
+    sweep: Sweep,
+    cwd: str | os.PathLike | None = None,
+    scaling: TrialScaling | None = None,
+    extra_callbacks: list[Callback] | tuple = (),
+) -> Any:
+    """The trainable Tune runs for each trial, with its resources: `run_trial` in the
+    trial's process, or with `scaling` a Ray Train run (`run_ray_trial`). extra_callbacks
+    go to every worker of a multi-worker trial (tests inject failures so)."""
     from ray import tune
 
     from pipeline import quiet
@@ -437,14 +811,25 @@ def build_trainable(sweep: Sweep, cwd: str | os.PathLike | None = None) -> Any:
         sweep_dir=str(sweep.sweep_dir.resolve()),
         cwd=str(Path(cwd or os.getcwd()).resolve()),
         max_epochs=sweep.max_epochs,
-        cpu_threads=max(1, int(cpu)),
+        cpu_threads=max(1, int(cpu if scaling is None else scaling.cpus_per_worker)),
         verbose=quiet.is_verbose(),
+        json_keys=sweep.json_keys,
     )
+    if scaling is None:
 
-    def bihm_trial(params: dict[str, Any]) -> None:
-        run_trial(params, settings)
+        def bihm_trial(params: dict[str, Any]) -> None:
+            run_trial(params, settings)
 
-    return tune.with_resources(bihm_trial, {"cpu": cpu, "gpu": gpu})
+        return tune.with_resources(bihm_trial, {"cpu": cpu, "gpu": gpu})
+
+    callbacks = list(extra_callbacks)
+
+    def bihm_ray_trial(params: dict[str, Any]) -> None:
+        run_ray_trial(params, settings, scaling, callbacks)
+
+    bihm_ray_trial.__mixins__ = (StopOnTuneStop,)
+    # The workers' resources are Ray Train's to reserve, when the run starts.
+    return tune.with_resources(bihm_ray_trial, {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
 
 
 def trial_dirname(trial: Any) -> str:
@@ -583,7 +968,9 @@ def collect_records(experiment_path: Path, sweep: Sweep) -> list[TrialRecord]:
             status, error = ("completed" if final else "stopped"), ""
         else:
             status, error = "unfinished", ""
-        params = {p.key: _plain(trial.config.get(p.key)) for p in sweep.params}
+        params = decode_params(
+            {p.key: trial.config.get(p.key) for p in sweep.params}, sweep.json_keys
+        )
         records.append(TrialRecord(trial.trial_id, status, params, epochs, values, error))
     return records
 
@@ -607,15 +994,76 @@ def prepare_data(sweep: Sweep) -> None:
             ensure_shards(*where)
 
 
-def check_resources(sweep: Sweep, cluster: dict[str, float]) -> None:
-    """A trial that no node can hold would wait forever: say so before the sweep starts."""
-    for key, need in (("cpu", sweep.spec.resources.cpu), ("gpu", sweep.spec.resources.gpu)):
+def trial_needs(sweep: Sweep, scaling: TrialScaling | None) -> dict[str, float]:
+    """The CPUs and GPUs one trial holds: its own, or those of its Ray Train workers."""
+    if scaling is None:
+        return {"cpu": sweep.spec.resources.cpu, "gpu": sweep.spec.resources.gpu}
+    return {
+        "cpu": scaling.workers * scaling.cpus_per_worker,
+        "gpu": scaling.workers * scaling.gpus_per_worker,
+    }
+
+
+def check_resources(
+    sweep: Sweep, cluster: dict[str, float], scaling: TrialScaling | None = None
+) -> None:
+    """A trial that the cluster cannot hold would wait forever: say so before the sweep
+    starts."""
+    for key, need in trial_needs(sweep, scaling).items():
         have = cluster.get(key.upper(), 0)
         if need > have:
-            raise ConfigError(
-                f"{sweep.path}: sweep key 'resources.{key}': a trial needs {need:g} but the "
-                f"Ray cluster has {have:g}"
-            )
+            if scaling is None:
+                what = f"{sweep.path}: sweep key 'resources.{key}': a trial needs {need:g}"
+            else:
+                what = (
+                    f"--workers-per-trial {scaling.workers}: a trial's workers need "
+                    f"{need:g} {key.upper()}s"
+                )
+            raise ConfigError(f"{what} but the Ray cluster has {have:g}")
+
+
+def concurrent_trials(sweep: Sweep, cluster: dict[str, float], scaling: TrialScaling | None) -> int:
+    """At most this many trials at once (0: no limit): max_concurrent_trials, and for
+    multi-worker trials no more than the cluster's scarcest resource holds. Tune reserves
+    only a multi-worker trial's own process; a trial whose workers do not fit would start
+    and wait, its Ray Train run retrying to start them (Ray's advice: limit the trials by
+    the scarcest resource)."""
+    limit = sweep.spec.max_concurrent_trials or 0
+    if scaling is None:
+        return limit
+    fits = max(
+        1,
+        min(
+            int(cluster.get(key.upper(), 0) // need)
+            for key, need in trial_needs(sweep, scaling).items()
+            if need > 0
+        ),
+    )
+    return min(limit, fits) if limit else fits
+
+
+def make_search_alg(sweep: Sweep, max_concurrent: int) -> Any:
+    """Ray Tune's variant generator (grid and random), or Optuna's TPE."""
+    spec = sweep.spec
+    if spec.search_alg == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = OptunaSearch(seed=spec.seed)  # metric and mode: the TuneConfig's
+        return ConcurrencyLimiter(searcher, max_concurrent) if max_concurrent else searcher
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    # Tune's max_concurrent_trials does not apply to a given generator.
+    return BasicVariantGenerator(max_concurrent=max_concurrent, random_state=spec.seed)
+
+
+def start_ray(address: str | None, num_cpus: int | None) -> None:
+    """ray.init: `address`, else $RAY_ADDRESS, else a new local Ray, never one that
+    someone else started on this machine (as `bihm train --launcher ray`)."""
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, num_cpus=num_cpus, include_dashboard=False)
 
 
 def run_sweep(
@@ -625,9 +1073,13 @@ def run_sweep(
     address: str | None = None,
     num_cpus: int | None = None,
     resume: bool = False,
+    scaling: TrialScaling | None = None,
+    extra_callbacks: list[Callback] | tuple = (),
 ) -> dict[str, Any]:
     """Run (or with resume=True continue) the sweep; write the sweep folder's outputs.
 
+    scaling: multi-worker trials (see `trial_scaling`); a resumed sweep keeps those it was
+    started with. extra_callbacks go to the workers of multi-worker trials (tests).
     Starts a local Ray instance (or connects to `address`) unless Ray is already
     initialised, and shuts down what it started. Returns {"sweep_dir", "records", "best"};
     raises SweepInterrupted after writing the outputs if the sweep was interrupted.
@@ -641,7 +1093,8 @@ def run_sweep(
     spec = sweep.spec
     sweep_dir = sweep.sweep_dir
     experiment = (sweep_dir / EXPERIMENT_DIR).resolve()
-    # What `--resume` needs besides Tune's state: the trial count and the --set it ran with.
+    # What `--resume` needs besides Tune's state: the trial count, the --set it ran with
+    # and the workers of each trial.
     state_path = sweep_dir / "sweep.json"
     if resume:
         if num_samples is not None:
@@ -654,22 +1107,35 @@ def run_sweep(
                 f"--resume: pass the same --set as the sweep was started with: "
                 f"{state['overrides'] or 'none'}"
             )
+        started_with = state.get("scaling")
+        if scaling is not None and scaling.to_dict() != started_with:
+            was = "one-worker trials" if started_with is None else json.dumps(started_with)
+            raise ConfigError(
+                f"--resume: the sweep was started with {was}; resume it without "
+                f"--workers-per-trial and the per-worker flags (or with the same)"
+            )
+        scaling = None if started_with is None else TrialScaling(**started_with)
     elif experiment.exists():
         raise TrainingError(
             f"{sweep_dir} already holds a sweep; pass --resume to continue it, or set "
             f"another name or run_dir in the sweep file"
         )
     else:
-        state = {"num_samples": num_samples or spec.num_samples, "overrides": sweep.overrides}
+        state = {
+            "num_samples": num_samples or spec.num_samples,
+            "overrides": sweep.overrides,
+            "scaling": None if scaling is None else scaling.to_dict(),
+        }
         atomic_write_text(state_path, json.dumps(state, indent=1) + "\n")
     prepare_data(sweep)
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False)
+        start_ray(address, num_cpus)
     try:
-        check_resources(sweep, ray.cluster_resources())
-        trainable = build_trainable(sweep)
+        cluster = ray.cluster_resources()
+        check_resources(sweep, cluster, scaling)
+        trainable = build_trainable(sweep, scaling=scaling, extra_callbacks=extra_callbacks)
         if resume:
             tuner = tune.Tuner.restore(
                 str(experiment), trainable, resume_unfinished=True, resume_errored=False
@@ -678,23 +1144,18 @@ def run_sweep(
             scheduler = None
             if spec.scheduler.type == "asha":
                 scheduler = ASHAScheduler(
-                    time_attr="training_iteration",  # one report per epoch
+                    time_attr=EPOCHS_DONE,
                     max_t=sweep.max_epochs,
                     grace_period=spec.scheduler.grace_period,
                     reduction_factor=spec.scheduler.reduction_factor,
                 )
-            from ray.tune.search.basic_variant import BasicVariantGenerator
-
             tuner = tune.Tuner(
                 trainable,
-                param_space={p.key: p.domain() for p in sweep.params},
+                param_space=sweep.param_space(),
                 tune_config=tune.TuneConfig(
                     metric=spec.metric,
                     mode=spec.mode,
-                    # Tune's max_concurrent_trials does not apply to a given generator.
-                    search_alg=BasicVariantGenerator(
-                        max_concurrent=spec.max_concurrent_trials or 0, random_state=spec.seed
-                    ),
+                    search_alg=make_search_alg(sweep, concurrent_trials(sweep, cluster, scaling)),
                     scheduler=scheduler,
                     num_samples=state["num_samples"],
                     trial_dirname_creator=trial_dirname,

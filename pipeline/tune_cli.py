@@ -9,13 +9,19 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.argtypes import positive_int
+from pipeline.argtypes import non_negative_float, positive_float, positive_int
 from pipeline.config import add_override_argument
 
 
 def _tune(args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError
-    from pipeline.tune import SweepInterrupted, TrialRecord, load_sweep, run_sweep
+    from pipeline.tune import (
+        SweepInterrupted,
+        TrialRecord,
+        load_sweep,
+        run_sweep,
+        trial_scaling,
+    )
 
     if args.num_cpus is not None and args.address:
         raise ConfigError("--num-cpus: only for a local Ray (not with --address)")
@@ -24,6 +30,13 @@ def _tune(args: argparse.Namespace) -> int:
 
     # Before Ray starts or any data is prepared: the sweep folder must take files.
     check_writable(sweep.sweep_dir, "sweep folder", folder=True, source="run_dir in the sweep file")
+    scaling = trial_scaling(
+        sweep,
+        args.workers_per_trial,
+        args.cpus_per_worker,
+        args.gpus_per_worker,
+        args.max_failures,
+    )
     try:
         outcome = run_sweep(
             sweep,
@@ -31,6 +44,7 @@ def _tune(args: argparse.Namespace) -> int:
             address=args.address,
             num_cpus=args.num_cpus,
             resume=args.resume,
+            scaling=scaling,
         )
     except SweepInterrupted as err:
         print(f"bihm tune: {err}", file=sys.stderr)
@@ -69,5 +83,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)"
+    )
+    ray = p.add_argument_group(
+        "multi-worker trials: each trial a Ray Train run, as `bihm train --launcher ray`"
+    )
+    ray.add_argument(
+        "--workers-per-trial",
+        type=positive_int,
+        default=None,
+        help="Ray Train workers (DDP processes) per trial; default: one-worker trials",
+    )
+    ray.add_argument(
+        "--cpus-per-worker",
+        type=positive_float,
+        default=None,
+        help="default: the sweep's resources.cpu",
+    )
+    ray.add_argument(
+        "--gpus-per-worker",
+        type=non_negative_float,
+        default=None,
+        help="default: the sweep's resources.gpu",
+    )
+    ray.add_argument(
+        "--max-failures",
+        type=int,
+        default=None,
+        help="restarts of a trial's workers from its last checkpoint (default 2, -1: no limit)",
     )
     p.set_defaults(func=_tune)
