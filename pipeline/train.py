@@ -371,7 +371,8 @@ class Preemption(Callback):
             trainer._signal_connector.received_sigterm = True
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # After the checkpoint callbacks (earlier in the list) saved this epoch.
+        # Read by the fit loop when the epoch ends, after on_train_epoch_end, where the
+        # checkpoint callbacks save this epoch.
         if self._stop_after_validation and not trainer.sanity_checking:
             trainer._signal_connector.received_sigterm = True
 
