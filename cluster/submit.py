@@ -6,9 +6,15 @@ to `sbatch`:
 - `slurm-ray.sbatch` (default, `--launcher ray`): a Ray head on the first node of the
   allocation (dashboard on the head's 127.0.0.1 only), Ray workers on the others, then
   `bihm train --launcher ray` (or `bihm tune`) against the head; Ray is stopped at the end,
-  also on failure, `scancel` or the time limit;
+  also on failure, `scancel` or the time limit. Each job's Ray takes a block of ports of
+  its own (`cluster/ports.py`), so jobs can share a node;
 - `slurm-ddp.sbatch` (`--launcher ddp`, for clusters that forbid Ray): `srun` starts one
   `bihm train` process per GPU and Lightning's SLURM environment wires them into DDP.
+
+Both jobs are requeueable (`slurm-requeue.sh`, put into both): a preemption or `scontrol
+requeue` stops the run (`bihm train` exits 143 and keeps its last.ckpt), and the job, when
+it starts again, continues it with `--resume`; 90 s before the time limit the job requeues
+itself if it wrote a checkpoint. `--cpus-per-task` counts a node's CPUs under both launchers.
 
 `bihm submit ray` submits to a running Ray cluster through Ray's Jobs API
 (`JobSubmissionClient`), with a runtime_env that carries the working directory and this
@@ -35,6 +41,8 @@ from urllib.parse import urlsplit
 
 TEMPLATE_DIR = Path(__file__).resolve().parent
 TEMPLATES = {"ray": TEMPLATE_DIR / "slurm-ray.sbatch", "ddp": TEMPLATE_DIR / "slurm-ddp.sbatch"}
+# Requeue (preemption, time limit) and resume, the same in both templates.
+REQUEUE_FRAGMENT = TEMPLATE_DIR / "slurm-requeue.sh"
 # File systems whose paths every node of a cluster sees, and ones that no other node does.
 SHARED_FS = {
     "nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "ceph", "cephfs", "glusterfs",
@@ -191,7 +199,7 @@ class SlurmJob:
     overrides: list[str]
     nodes: int
     gpus_per_node: int
-    cpus_per_task: int
+    cpus_per_node: int  # `--cpus-per-task`: a node's CPUs, under both launchers
     workdir: Path
     log_path: Path
     run_dir: Path
@@ -205,27 +213,45 @@ class SlurmJob:
     """`bihm tune`'s --workers-per-trial/--cpus-per-worker/--gpus-per-worker, as given."""
 
     def bihm_command(self) -> list[str]:
-        """The command line the job runs (with "$PYTHON" for the environment's Python)."""
+        """The command line the job runs (with "$PYTHON" for the environment's Python, and
+        "$resume" for the --resume that a requeued job adds)."""
         sets = [a for o in self.overrides for a in ("--set", o)]
         if self.tune is not None:
             cmd = ["tune", "--config", str(self.tune), *sets, "--address", "$address"]
-            return [*cmd, *self.trial_args]
+            return [*cmd, *self.trial_args, "$resume"]
         cmd = ["train", "--config", str(self.config), *sets]
         if self.launcher == "ddp":
-            return [*cmd, "--devices", str(self.tasks_per_node), "--num-nodes", str(self.nodes)]
-        per_node = max(self.gpus_per_node, 1)  # one Ray Train worker per GPU, or per node
+            return [
+                *cmd, "--devices", str(self.tasks_per_node), "--num-nodes", str(self.nodes),
+                "$resume",
+            ]  # fmt: skip
         return [
             *cmd,
             "--launcher", "ray",
             "--address", "$address",
-            "--workers", str(self.nodes * per_node),
+            "--workers", str(self.nodes * self.tasks_per_node),
             "--gpus-per-worker", "1" if self.gpus_per_node else "0",
-            "--cpus-per-worker", str(max(1, self.cpus_per_task // per_node)),
+            "--cpus-per-worker", str(self.cpus_per_process),
+            "$resume",
         ]  # fmt: skip
 
     @property
     def tasks_per_node(self) -> int:
+        """Training processes per node: one per GPU, or one on a CPU node (a `bihm train`
+        under DDP, a Ray Train worker under Ray)."""
         return max(self.gpus_per_node, 1)
+
+    @property
+    def cpus_per_process(self) -> int:
+        """Each training process's share of its node's CPUs."""
+        return max(1, self.cpus_per_node // self.tasks_per_node)
+
+    @property
+    def resume_from(self) -> Path:
+        """What a requeued job continues from: the run's last.ckpt, or the sweep's state."""
+        if self.tune is not None:
+            return self.run_dir / "sweep.json"
+        return self.run_dir / "checkpoints" / "last.ckpt"
 
     def render(self) -> str:
         """The sbatch script: the template with every {{placeholder}} filled in."""
@@ -237,12 +263,18 @@ class SlurmJob:
                 options.append(f"--{flag}={value}")
         if self.account:
             options.append(f"--account={self.account}")
-        # "$address" is the only shell expansion the command needs; everything else quoted.
-        words = ['"$address"' if w == "$address" else shlex.quote(w) for w in self.bihm_command()]
+        # "$address" and the --resume of a requeued job are the only shell expansions the
+        # command needs; everything else is quoted.
+        expand = {"$address": '"$address"', "$resume": '${resume[@]+"${resume[@]}"}'}
+        words = [expand.get(w) or shlex.quote(w) for w in self.bihm_command()]
+        paths = {"results": self.run_dir, "resume_from": self.resume_from}
+        paths = {k: shlex.quote(str(v)) for k, v in paths.items()}
+        requeue = fill(REQUEUE_FRAGMENT.read_text(), paths)
         values = {
             "job_name": self.job_name,
             "nodes": str(self.nodes),
-            "cpus_per_task": str(self.cpus_per_task),
+            "cpus_per_node": str(self.cpus_per_node),
+            "cpus_per_process": str(self.cpus_per_process),
             "gpus_per_node": str(self.gpus_per_node),
             "tasks_per_node": str(self.tasks_per_node),
             "sbatch_options": "\n".join(f"#SBATCH {o}" for o in options) or "#",
@@ -256,14 +288,19 @@ class SlurmJob:
             + ('--ray-client-server-port="$CLIENT_SERVER_PORT"' if has_ray_client() else "")
             + ")",
             "command": " ".join(['"$PYTHON"', "-m", "pipeline.cli", *words]),
+            "requeue": requeue.rstrip("\n"),
         }
-        text = TEMPLATES[self.launcher].read_text()
-        return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], text)
+        return fill(TEMPLATES[self.launcher].read_text(), values)
 
     def ray(self) -> str:
         """The `ray` executable beside the job's Python (its environment), else this one's."""
         sibling = Path(self.python).parent / "ray"
         return str(sibling) if sibling.is_absolute() and sibling.exists() else tool_path("ray")
+
+
+def fill(template: str, values: dict[str, str]) -> str:
+    """The template with every {{placeholder}} replaced by its value."""
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], template)
 
 
 SBATCH_SAFE = re.compile(r"^[A-Za-z0-9_.,:+=@/-]+$")
@@ -278,6 +315,18 @@ def slurm_job(args: argparse.Namespace, cwd: Path) -> tuple[SlurmJob, list[str]]
         raise SubmitError(f"--gpus-per-node: must be >= 0, got {args.gpus_per_node}")
     if args.cpus_per_task < 1:
         raise SubmitError(f"--cpus-per-task: must be >= 1, got {args.cpus_per_task}")
+    processes = max(args.gpus_per_node, 1)  # SlurmJob.tasks_per_node
+    if args.cpus_per_task < processes:
+        raise SubmitError(
+            f"--cpus-per-task {args.cpus_per_task}: a node's CPUs, fewer than its "
+            f"{processes} training processes (one per GPU)"
+        )
+    if args.cpus_per_task % processes:
+        warnings.append(
+            f"--cpus-per-task {args.cpus_per_task} (a node's CPUs) over {processes} "
+            f"processes: {args.cpus_per_task // processes} each, "
+            f"{args.cpus_per_task // processes * processes} used"
+        )
     if args.time is not None:
         check_time(args.time)
     for flag in ("partition", "account", "job_name"):
@@ -323,7 +372,7 @@ def slurm_job(args: argparse.Namespace, cwd: Path) -> tuple[SlurmJob, list[str]]
         overrides=list(args.set),
         nodes=args.nodes,
         gpus_per_node=args.gpus_per_node,
-        cpus_per_task=args.cpus_per_task,
+        cpus_per_node=args.cpus_per_task,
         workdir=cwd,
         log_path=log_dir / f"{name}-%j.out",
         run_dir=run_dir,
@@ -378,17 +427,25 @@ def submit_slurm(args: argparse.Namespace) -> int:
         for warning in warnings:
             print(f"bihm submit slurm: warning: {warning}", file=sys.stderr)
         script = job.render()
+        if not args.dry_run and shutil.which("sbatch") is None:
+            raise SubmitError("sbatch not found on PATH: run on a SLURM login node (or --dry-run)")
+        # SLURM opens the log before the script runs: its folder must exist, also for a
+        # script printed by --dry-run and then given to sbatch.
+        log_dir = job.log_path.parent
+        if not log_dir.is_dir():
+            try:
+                log_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise SubmitError(f"--log-dir: cannot create {log_dir}: {err}") from None
+            if args.dry_run:
+                print(f"bihm submit slurm: created the log folder {log_dir}", file=sys.stderr)
         if args.dry_run:
             print(script, end="")
             return 0
-        sbatch = shutil.which("sbatch")
-        if sbatch is None:
-            raise SubmitError("sbatch not found on PATH: run on a SLURM login node (or --dry-run)")
     except SubmitError as err:
         print(f"bihm submit slurm: error: {err}", file=sys.stderr)
         return 2
-    # SLURM opens the log before the script runs: its folder must exist.
-    job.log_path.parent.mkdir(parents=True, exist_ok=True)
+    sbatch = shutil.which("sbatch")
     proc = subprocess.run(
         [sbatch, "--parsable"], input=script, capture_output=True, text=True, timeout=120
     )
@@ -579,7 +636,13 @@ def register(subparsers) -> None:
     add_override_argument(s, "override a config value (repeatable), passed on to the job")
     s.add_argument("--nodes", type=int, default=1)
     s.add_argument("--gpus-per-node", type=int, default=0)
-    s.add_argument("--cpus-per-task", type=int, default=4, help="CPUs per node (Ray) or task")
+    s.add_argument(
+        "--cpus-per-task",
+        type=int,
+        default=4,
+        help="CPUs per node, under both launchers: ray gives them to the node's Ray workers, "
+        "ddp shares them equally among the node's processes (one per GPU) (default 4)",
+    )
     s.add_argument("--partition", default=None)
     s.add_argument("--time", default=None, help="time limit, HH:MM:SS or D-HH:MM:SS")
     s.add_argument("--account", default=None)

@@ -33,7 +33,14 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
 
 def _train(args: argparse.Namespace) -> int:
     from pipeline.config import apply_overrides, config_from_dict, load_config
-    from pipeline.train import TrainingError, config_for_resume, run_training
+    from pipeline.train import (
+        EXIT_INTERRUPTED,
+        TrainingError,
+        TrainingInterrupted,
+        config_for_resume,
+        resume_epoch,
+        run_training,
+    )
 
     if args.launcher == "ray":
         if args.devices is not None or args.num_nodes is not None:
@@ -67,13 +74,25 @@ def _train(args: argparse.Namespace) -> int:
             resume=args.resume,
         )
     else:
-        result = run_training(
-            cfg,
-            devices=args.devices,
-            num_nodes=args.num_nodes,
-            run_dir=args.run_dir,
-            resume=args.resume,
-        )
+        try:
+            result = run_training(
+                cfg,
+                devices=args.devices,
+                num_nodes=args.num_nodes,
+                run_dir=args.run_dir,
+                resume=args.resume,
+            )
+        except TrainingInterrupted as stop:
+            # SIGTERM (scancel, a time limit, a preemption): not a success, and resumable.
+            if stop.global_rank == 0:
+                last = stop.run_dir / "checkpoints" / "last.ckpt"
+                where = f"(run folder {stop.run_dir})"
+                if last.is_file():
+                    line = f"interrupted at epoch {resume_epoch(last)}; continue with --resume"
+                else:  # stopped before training began
+                    line = "interrupted before its first checkpoint; start it again"
+                print(f"bihm train: {line} {where}", file=sys.stderr, flush=True)
+            return EXIT_INTERRUPTED
     if result["global_rank"] == 0:
         print(
             f"bihm train: done after {result['epochs']} epochs; best {result['monitor']} "

@@ -21,6 +21,7 @@ import csv
 import io
 import math
 import os
+import signal
 import sys
 import time
 from datetime import timedelta
@@ -40,6 +41,7 @@ from pytorch_lightning.callbacks import (
 from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from bihm.atomic import atomic_path, atomic_write_text
 from bihm.errors import UserError
@@ -58,6 +60,21 @@ def monitor_metric(cfg: Config) -> str:
 
 class TrainingError(UserError, RuntimeError):
     """A run cannot start or continue (e.g. nothing to resume, run folder already used)."""
+
+
+EXIT_INTERRUPTED = 128 + signal.SIGTERM
+"""143, the status a shell reports for a process that SIGTERM ended: `bihm train`'s exit
+status when SIGTERM (scancel, a time limit, a preemption) stopped it before its last epoch."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM stopped the run after the current batch; `--resume` continues it from
+    checkpoints/last.ckpt, the end of its last finished epoch (see Preemption)."""
+
+    def __init__(self, run_dir: str | os.PathLike, global_rank: int) -> None:
+        super().__init__(f"interrupted; continue with --resume ({run_dir})")
+        self.run_dir = Path(run_dir)
+        self.global_rank = global_rank
 
 
 def is_rank_zero() -> bool:
@@ -338,6 +355,114 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, tmp, storage_options)
 
 
+class Preemption(Callback):
+    """SIGTERM (scancel, a time limit, a preemption) stops the run at a batch end, the same
+    one on every rank, and leaves checkpoints/last.ckpt as its resume point.
+
+    Lightning's signal connector catches SIGTERM, and its loops stop with SIGTERMException
+    once `trainer.received_sigterm` is set. Its handler, though, broadcasts from inside
+    the signal handler on every rank, which deadlocks DDP when another rank is inside a
+    collective of its own (seen: rank 0 in that broadcast, rank 1 in validation's
+    all_gather). This callback puts a handler in its place that only notes the signal;
+    after each training batch the ranks agree (a max over the ranks) whether any of them
+    was signalled, and then all set `received_sigterm` at the same batch: Lightning stops
+    them there. At an epoch's last batch they first validate and write the epoch's
+    checkpoint, then stop.
+
+    The resume point is last.ckpt, written at every epoch end: checkpoints are epoch ends
+    only (the data stream cannot restart mid-epoch, and the module's epoch metrics and
+    optimizer reset assume so; a mid-epoch state such as Lightning's `hpc_ckpt` would
+    train the epoch's first batches again). The interrupted epoch is trained again.
+
+    A new run has no last.ckpt before its first epoch ends: this callback keeps the
+    starting state in memory and writes it as last.ckpt when SIGTERM stops the run before
+    that, so that `--resume` always has a checkpoint.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.path = Path(run_dir) / "checkpoints" / "last.ckpt"
+        self.signalled = False  # this process received SIGTERM
+        self._stop_after_validation = False
+        self._start: dict[str, Any] | None = None
+        self._dumping = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Before Lightning registers its handlers (at the start of the fit loop), which
+        # take the notifier from this attribute; they are restored when fit ends.
+        trainer._signal_connector._sigterm_notifier_fn = self._notice
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        vars(trainer._signal_connector).pop("_sigterm_notifier_fn", None)
+
+    def _notice(self, signum: int, frame: Any) -> None:
+        # A signal handler: no collective, and no printing (a write to stderr that it
+        # interrupts would be re-entered).
+        self.signalled = True
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx):
+        stop = self.signalled
+        if trainer.world_size > 1:  # (one process: no tensor, no device sync per batch)
+            flag = torch.tensor(float(stop), device=trainer.strategy.root_device)
+            stop = bool(trainer.strategy.reduce(flag, reduce_op="max").item())
+        if not stop or self._stop_after_validation:
+            return
+        last = batch_idx + 1 >= trainer.num_training_batches
+        if trainer.is_global_zero:
+            after = "this epoch's validation and checkpoint" if last else "this batch"
+            print(
+                f"bihm train: SIGTERM received: stopping after {after} "
+                f"(epoch {trainer.current_epoch}, global step {trainer.global_step})",
+                file=sys.stderr,
+                flush=True,
+            )
+        if last:
+            # Lightning would skip the epoch's validation (and so its checkpoint).
+            self._stop_after_validation = True
+        else:
+            trainer._signal_connector.received_sigterm = True
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Read by the fit loop when the epoch ends, after on_train_epoch_end, where the
+        # checkpoint callbacks save this epoch.
+        if self._stop_after_validation and not trainer.sanity_checking:
+            trainer._signal_connector.received_sigterm = True
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.ckpt_path is not None:  # a resume: last.ckpt exists
+            return
+        from lightning_utilities.core.apply_func import apply_to_collection
+
+        self._dumping = True
+        try:
+            # What trainer.save_checkpoint would write now, kept in memory instead.
+            start = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        finally:
+            self._dumping = False
+        # A copy: the state dict's tensors are the live parameters.
+        self._start = apply_to_collection(
+            start, torch.Tensor, lambda t: t.detach().to("cpu", copy=True)
+        )
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        if not self._dumping:  # an epoch's checkpoint: the run has its own resume point now
+            self._start = None
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, SIGTERMException) and self._start is not None:
+            # Written by global rank 0 only (the strategy's rule), atomically (our IO).
+            trainer.strategy.save_checkpoint(self._start, str(self.path))
+            self._start = None
+
+
+def resume_epoch(checkpoint: str | os.PathLike) -> int:
+    """The epoch that `--resume` from `checkpoint` starts with: the number of epochs it has
+    trained (the fit loop's processed epochs, which the data module's shuffle reads too)."""
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    return int(payload["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+
+
 def resolve_accelerator(name: str) -> str:
     if name == "auto":
         return "gpu" if torch.cuda.is_available() else "cpu"
@@ -514,7 +639,7 @@ def build_trainer(
         strategy = build_strategy(accelerator, devices, num_nodes)
     else:
         devices, num_nodes = "auto", 1
-    callbacks = build_callbacks(cfg, run_dir) + list(extra_callbacks)
+    callbacks = build_callbacks(cfg, run_dir) + [Preemption(run_dir)] + list(extra_callbacks)
     if accelerator == "cpu" and cfg.train.cpu_threads is None and threads > 1:
         callbacks.append(CPUThreadGovernor(threads))
     logger = build_logger(cfg, run_dir) if logger is None else logger
@@ -550,17 +675,24 @@ def build_trainer(
 
 def fit(trainer: pl.Trainer, module: pl.LightningModule, datamodule, ckpt_path: str | None):
     """trainer.fit, then close rank 0's wandb run (not at process exit: a Ray worker outlives
-    its training function, and a second run in the same process would reuse the first run)."""
+    its training function, and a second run in the same process would reuse the first run).
+
+    Raises TrainingInterrupted when SIGTERM stopped the run (Lightning ends it with
+    SIGTERMException, a SystemExit whose status would be 0, as if the run had finished).
+    """
     try:
         # The checkpoint holds tensors and plain types only: load it with weights_only=True.
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException as err:
+        finish_wandb(EXIT_INTERRUPTED, preempted=True)
+        raise TrainingInterrupted(trainer.default_root_dir, trainer.global_rank) from err
     except BaseException:
         finish_wandb(1)
         raise
     finish_wandb(0)
 
 
-def release_process_group() -> None:
+def release_process_group(barrier: bool = True) -> None:
     """Close the DDP process group that Lightning's launcher opened, once its work is done.
 
     Lightning leaves the group open. At interpreter exit, gloo's threads are then destroyed
@@ -571,16 +703,19 @@ def release_process_group() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 
-def finish_wandb(exit_code: int) -> None:
+def finish_wandb(exit_code: int, preempted: bool = False) -> None:
     if "wandb" not in sys.modules:
         return
     import wandb
 
     if wandb.run is not None:
+        if preempted:  # shown as "preempted" in wandb, not "crashed"
+            wandb.mark_preempting()
         wandb.finish(exit_code=exit_code)
 
 
@@ -609,7 +744,12 @@ def run_training(
     trainer = build_trainer(
         cfg, run_dir, devices=devices, num_nodes=num_nodes, extra_callbacks=extra_callbacks
     )
-    fit(trainer, module, datamodule, ckpt_path)
+    try:
+        fit(trainer, module, datamodule, ckpt_path)
+    except TrainingInterrupted:
+        # No barrier: a stopping run waits for nothing (the ranks stopped at one batch).
+        release_process_group(barrier=False)
+        raise
     release_process_group()
     ckpt_cb = trainer.checkpoint_callback
     best = ckpt_cb.best_model_score if ckpt_cb is not None else None

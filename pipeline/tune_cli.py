@@ -26,10 +26,6 @@ def _tune(args: argparse.Namespace) -> int:
     if args.num_cpus is not None and args.address:
         raise ConfigError("--num-cpus: only for a local Ray (not with --address)")
     sweep = load_sweep(args.config, args.set)
-    from bihm.atomic import check_writable
-
-    # Before Ray starts or any data is prepared: the sweep folder must take files.
-    check_writable(sweep.sweep_dir, "sweep folder", folder=True, source="run_dir in the sweep file")
     scaling = trial_scaling(
         sweep,
         args.workers_per_trial,
@@ -37,6 +33,11 @@ def _tune(args: argparse.Namespace) -> int:
         args.gpus_per_worker,
         args.max_failures,
     )
+    from bihm.atomic import check_writable
+
+    # After the flags (a bad flag leaves no folder behind), before Ray starts or any data is
+    # prepared: the sweep folder must take files.
+    check_writable(sweep.sweep_dir, "sweep folder", folder=True, source="run_dir in the sweep file")
     try:
         outcome = run_sweep(
             sweep,

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.train import resume_epoch
 from tests.conftest import make_shards, read_metrics, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -193,18 +194,20 @@ FAKE_DRIVER = textwrap.dedent(
 def fake_python(tmp_path: Path) -> Path:
     (tmp_path / "fake_driver.py").write_text(FAKE_DRIVER)
     wrapper = tmp_path / "fake-python"
+    # Only the bihm command is replaced; the script's other Python (python -m cluster.ports)
+    # is the real one.
     wrapper.write_text(
-        f'#!/bin/bash\nshift 2  # "-m pipeline.cli"\nexec {sys.executable} '
-        f'{tmp_path / "fake_driver.py"} "$@"\n'
+        f'#!/bin/bash\nif [[ "$1 $2" != "-m pipeline.cli" ]]; then exec {sys.executable} "$@"; fi\n'
+        f'shift 2\nexec {sys.executable} {tmp_path / "fake_driver.py"} "$@"\n'
     )
     wrapper.chmod(0o755)
     return wrapper
 
 
-def ray_job(tmp_path: Path, env: dict, sleep: float) -> tuple[str, Path]:
+def ray_job(tmp_path: Path, env: dict, sleep: float, cpus: int = 2) -> tuple[str, Path]:
     config, _ = write_tiny_config(tmp_path)
     return submit(
-        ["--config", str(config), "--nodes", "1", "--cpus-per-task", "2",
+        ["--config", str(config), "--nodes", "1", "--cpus-per-task", str(cpus),
          "--python", str(fake_python(tmp_path)), "--log-dir", str(tmp_path / "logs")],
         tmp_path, {**env, "FAKE_DRIVER_SLEEP": str(sleep)},
     )[:2]  # fmt: skip
@@ -216,7 +219,7 @@ def test_slurm_ray_template_starts_ray_and_stops_it_at_the_end(slurm_env, tmp_pa
     text = tail(log, 200)
     assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", (state, text)
     assert "fake driver: cluster CPUs 2.0" in text and "task says hello" in text
-    assert "--launcher ray --address 127.0.0.1:6379 --workers 1" in text
+    assert re.search(r"--launcher ray --address 127\.0\.0\.1:\d+ --workers 1", text)
     assert "stopping Ray on 1 node(s)" in text
     assert ray_processes_of(f"/tmp/ray-{job_id}") == []
     assert not Path(f"/tmp/ray-{job_id}").exists()  # a successful job's Ray logs are removed
@@ -265,6 +268,141 @@ def test_slurm_ray_job_trains_with_the_ray_launcher(slurm_env, tmp_path):
     text = tail(log, 200)
     assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", (state, text)
     check_run_folder(run_dir)
+    assert ray_processes_of(f"/tmp/ray-{job_id}") == []
+
+
+def test_two_ray_jobs_run_side_by_side_on_one_node(slurm_env, tmp_path):
+    """Each job's Ray takes its own block of ports: two jobs on one node both run (with
+    fixed ports the second job's head found the first one's GCS port taken)."""
+    jobs = []
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        jobs.append(ray_job(folder, slurm_env, sleep=20, cpus=1))
+    addresses = []
+    for job_id, log in jobs:
+        state = wait_for_job(job_id, slurm_env, log)
+        text = tail(log, 200)
+        assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", (state, text)
+        assert "task says hello" in text
+        addresses.append(re.search(r"--address (127\.0\.0\.1:\d+)", text).group(1))
+    assert addresses[0] != addresses[1]
+    # They ran at the same time: each started before the other ended.
+    (a_start, a_end), (b_start, b_end) = (job_times(j, slurm_env) for j, _ in jobs)
+    assert a_start < b_end and b_start < a_end, (a_start, a_end, b_start, b_end)
+
+
+def job_times(job_id: str, env: dict) -> tuple[str, str]:
+    state = job_state(job_id, env)
+    return state["StartTime"], state["EndTime"]
+
+
+def wait_for(what: str, ready, job_id: str, env: dict, log: Path, timeout: float = 300):
+    """Poll `ready()` until it is true (bounded); fail with the job's state and log."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout} s: {job_state(job_id, env)}\n{tail(log)}")
+        time.sleep(1)
+
+
+def start_requeued_job_now(job_id: str, env: dict, log: Path) -> None:
+    """A requeued job waits to be eligible again (SLURM holds it ~2 minutes); let it start
+    now. It then runs again by itself, with SLURM_RESTART_COUNT=1."""
+    wait_for(
+        "the requeue",
+        lambda: job_state(job_id, env).get("Restarts") == "1"
+        and job_state(job_id, env).get("JobState") == "PENDING",
+        job_id, env, log, timeout=120,
+    )  # fmt: skip
+    assert sh("scontrol", "update", f"jobid={job_id}", "starttime=now", env=env).returncode == 0
+
+
+def metrics_rows(run_dir: Path) -> list[dict[str, str]]:
+    return read_metrics(run_dir) if (run_dir / "metrics.csv").is_file() else []
+
+
+def long_config(job_dir: Path, epochs: int) -> tuple[Path, Path]:
+    """The tiny config trained for `epochs` epochs, without pictures or Gibbs validation."""
+    config, run_dir = write_tiny_config(job_dir)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["train"]["max_epochs"] = epochs
+    cfg["validation"]["gibbs"]["every_n_epochs"] = 0
+    cfg["samples"]["every_n_epochs"] = 0
+    config.write_text(yaml.safe_dump(cfg))
+    return config, run_dir
+
+
+def two_epochs_into(
+    job_dir: Path, env: dict, epochs: int, args: list[str]
+) -> tuple[str, Path, Path]:
+    """Submit the tiny config for `epochs` epochs with ARGS; return (job id, log, run
+    folder) once it has finished 2 epochs."""
+    config, run_dir = long_config(job_dir, epochs)
+    job_id, log, _ = submit(
+        ["--config", str(config), *args, "--time", "00:30:00",
+         "--log-dir", str(job_dir / "logs")],
+        job_dir, env,
+    )  # fmt: skip
+    wait_for("2 epochs", lambda: len(metrics_rows(run_dir)) >= 2, job_id, env, log, 420)
+    return job_id, log, run_dir
+
+
+def test_slurm_job_requeued_before_its_time_limit_continues_from_its_checkpoint(
+    slurm_env, tmp_path
+):
+    """SIGUSR1 to the batch script (what #SBATCH --signal=B:USR1@90 sends 90 s before the
+    time limit): the script requeues the job, SLURM's SIGTERM stops `bihm train` with 143
+    and `interrupted at epoch N`, and the job starts again by itself and continues the run
+    from that epoch with --resume to its end."""
+    epochs = 12
+    job_id, log, run_dir = two_epochs_into(
+        tmp_path, slurm_env, epochs, ["--launcher", "ddp", "--cpus-per-task", "1"]
+    )
+    assert sh("scancel", "--batch", "--signal=USR1", job_id, env=slurm_env).returncode == 0
+    start_requeued_job_now(job_id, slurm_env, log)
+    rows_before = metrics_rows(run_dir)
+    state = wait_for_job(job_id, slurm_env, log)
+    text = tail(log, 400)
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", (state, text)
+    assert f"the time limit is near: requeueing job {job_id}" in text
+    epoch = int(re.search(r"interrupted at epoch (\d+); continue with --resume", text).group(1))
+    assert f"restart 1 of job {job_id}: continuing from {run_dir}/checkpoints/last.ckpt" in text
+    assert f"bihm train: done after {epochs} epochs" in text
+    # It went on from the interrupted epoch: the rows before it stayed as they were.
+    assert 2 <= epoch < epochs and len(rows_before) == epoch
+    rows = read_metrics(run_dir)
+    assert [int(r["epoch"]) for r in rows] == list(range(epochs))
+    assert rows[:epoch] == rows_before
+
+
+@needs_ray_launcher
+def test_slurm_ray_job_requeued_by_scontrol_continues_from_its_checkpoint(slurm_env, tmp_path):
+    """`scontrol requeue` (as an admin or a preemption would): the Ray job's driver and Ray
+    are stopped, the job runs again by itself and `bihm train --launcher ray --resume`
+    continues the run from its last.ckpt."""
+    epochs = 8
+    job_id, log, run_dir = two_epochs_into(
+        tmp_path, slurm_env, epochs, ["--launcher", "ray", "--cpus-per-task", "2"]
+    )
+    assert sh("scontrol", "requeue", job_id, env=slurm_env).returncode == 0
+    start_requeued_job_now(job_id, slurm_env, log)
+    rows_before = metrics_rows(run_dir)
+    epoch = resume_epoch(run_dir / "checkpoints" / "last.ckpt")
+    state = wait_for_job(job_id, slurm_env, log, timeout=600)
+    text = tail(log, 600)
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", (state, text)
+    assert f"restart 1 of job {job_id}: continuing from {run_dir}/checkpoints/last.ckpt" in text
+    # (Without --resume the restarted job would refuse the run folder it left.)
+    assert "bihm: resuming from" in text
+    assert f"bihm train: done after {epochs} epochs" in text
+    rows = read_metrics(run_dir)
+    assert [int(r["epoch"]) for r in rows] == list(range(epochs))
+    # It went on from its checkpoint's epoch: the rows before it stayed as they were. (The
+    # killed run may have written the row of the next epoch, whose checkpoint comes after
+    # the row: that epoch was trained again.)
+    assert len(rows_before) in (epoch, epoch + 1) and epoch >= 1
+    assert rows[:epoch] == rows_before[:epoch]
     assert ray_processes_of(f"/tmp/ray-{job_id}") == []
 
 

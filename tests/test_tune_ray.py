@@ -307,20 +307,18 @@ def test_submit_slurm_tune_runs_multi_worker_trials(job_folder, capsys):
     argv = ["submit", "slurm", "--tune", str(job_folder), "--gpus-per-node", "4"]
     argv += ["--cpus-per-task", "8", "--workers-per-trial", "2", "--gpus-per-worker", "1"]
     assert main([*argv, "--cpus-per-worker", "4", "--dry-run"]) == 0
-    cmd = capsys.readouterr().out.strip().splitlines()[-3]
+    (cmd,) = [x for x in capsys.readouterr().out.splitlines() if "-m pipeline.cli tune" in x]
+    # A requeued job adds --resume ("$resume", cluster/slurm-requeue.sh).
     assert cmd == (
         f'"$PYTHON" -m pipeline.cli tune --config {job_folder} --address "$address" '
-        "--workers-per-trial 2 --gpus-per-worker 1 --cpus-per-worker 4 &"
+        "--workers-per-trial 2 --gpus-per-worker 1 --cpus-per-worker 4 "
+        '${resume[@]+"${resume[@]}"} &'
     )
     # Without the per-worker flags, `bihm tune` takes the sweep's resources per worker.
     assert main(["submit", "slurm", "--tune", str(job_folder), "--workers-per-trial", "2",
                  "--dry-run"]) == 0  # fmt: skip
-    assert (
-        capsys.readouterr()
-        .out.strip()
-        .splitlines()[-3]
-        .endswith('--address "$address" --workers-per-trial 2 &')
-    )
+    (cmd,) = [x for x in capsys.readouterr().out.splitlines() if "-m pipeline.cli tune" in x]
+    assert cmd.endswith('--address "$address" --workers-per-trial 2 ${resume[@]+"${resume[@]}"} &')
     for extra, message in [
         (["--workers-per-trial", "3", "--gpus-per-worker", "2"], "a trial of 3 workers needs 6, "),
         (["--workers-per-trial", "2", "--cpus-per-worker", "5"], "needs 10, the allocation has 8"),
