@@ -60,21 +60,21 @@ def _train(args: argparse.Namespace) -> int:
         cfg = config_from_dict(apply_overrides(config_for_resume(run_dir).to_dict(), sets))
     else:
         cfg = load_config(args.config, sets)
-    if args.launcher == "ray":
-        from pipeline.ray_launcher import run_ray_training
+    try:
+        if args.launcher == "ray":
+            from pipeline.ray_launcher import run_ray_training
 
-        result = run_ray_training(
-            cfg,
-            workers=args.workers,
-            cpus_per_worker=1.0 if args.cpus_per_worker is None else args.cpus_per_worker,
-            gpus_per_worker=args.gpus_per_worker,
-            address=args.address,
-            max_failures=2 if args.max_failures is None else args.max_failures,
-            run_dir=args.run_dir,
-            resume=args.resume,
-        )
-    else:
-        try:
+            result = run_ray_training(
+                cfg,
+                workers=args.workers,
+                cpus_per_worker=1.0 if args.cpus_per_worker is None else args.cpus_per_worker,
+                gpus_per_worker=args.gpus_per_worker,
+                address=args.address,
+                max_failures=2 if args.max_failures is None else args.max_failures,
+                run_dir=args.run_dir,
+                resume=args.resume,
+            )
+        else:
             result = run_training(
                 cfg,
                 devices=args.devices,
@@ -82,17 +82,17 @@ def _train(args: argparse.Namespace) -> int:
                 run_dir=args.run_dir,
                 resume=args.resume,
             )
-        except TrainingInterrupted as stop:
-            # SIGTERM (scancel, a time limit, a preemption): not a success, and resumable.
-            if stop.global_rank == 0:
-                last = stop.run_dir / "checkpoints" / "last.ckpt"
-                where = f"(run folder {stop.run_dir})"
-                if last.is_file():
-                    line = f"interrupted at epoch {resume_epoch(last)}; continue with --resume"
-                else:  # stopped before training began
-                    line = "interrupted before its first checkpoint; start it again"
-                print(f"bihm train: {line} {where}", file=sys.stderr, flush=True)
-            return EXIT_INTERRUPTED
+    except TrainingInterrupted as stop:
+        # SIGTERM (scancel, a time limit, a preemption): not a success, and resumable.
+        if stop.global_rank == 0:
+            last = stop.run_dir / "checkpoints" / "last.ckpt"
+            where = f"(run folder {stop.run_dir})"
+            if last.is_file():
+                line = f"interrupted at epoch {resume_epoch(last)}; continue with --resume"
+            else:  # stopped before training began
+                line = "interrupted before its first checkpoint; start it again"
+            print(f"bihm train: {line} {where}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     if result["global_rank"] == 0:
         print(
             f"bihm train: done after {result['epochs']} epochs; best {result['monitor']} "

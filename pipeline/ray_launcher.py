@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from pipeline import quiet
 from pipeline.config import Config, config_from_dict
 from pipeline.train import (
     TrainingError,
+    TrainingInterrupted,
     build_trainer,
     check_run_dir,
     ensure_shards,
@@ -91,6 +94,14 @@ def run_ray_training(
     started = not ray.is_initialized()
     if started:
         connect(address, workers, cpus_per_worker, gpus_per_worker)
+    # SIGTERM (scancel, a time limit, a preemption) to the driver: Ray's C++ handler would
+    # abort the process (status 134). Raise instead, so that Ray shuts down below and the
+    # command reports "interrupted ... --resume" with status 143; the workers' last.ckpt is
+    # the end of the last finished epoch.
+    sigterm = _SigtermStop(run_dir)
+    # Only the main thread may set a handler (a caller in another thread keeps Ray's).
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, sigterm.handle) if in_main else None
     try:
         gpus = resolve_gpus(cfg, gpus_per_worker)
         check_resources(workers, cpus_per_worker, gpus)
@@ -104,10 +115,29 @@ def run_ray_training(
             max_failures=max_failures,
             extra_callbacks=list(extra_callbacks),
         )
+    except BaseException as err:
+        # Ray may wrap the handler's exception (a SystemError out of ray.get's signal check).
+        if sigterm.received:
+            raise TrainingInterrupted(run_dir, global_rank=0) from err
+        raise
     finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
         if started:
             ray.shutdown()
     return summarize(run_dir, monitor_metric(cfg))
+
+
+class _SigtermStop:
+    """The driver's SIGTERM handler: remembers the signal and raises, to leave Ray's wait."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.received = False
+
+    def handle(self, signum, frame) -> None:
+        self.received = True
+        raise TrainingInterrupted(self.run_dir, global_rank=0)
 
 
 def check_options(
