@@ -513,3 +513,18 @@ def test_summary_is_read_from_the_run_folder_not_from_the_last_report_to_ray(tmp
     torch.save(payload(4, -90.5), tmp_path / "checkpoints" / "last.ckpt")
     out = summarize(tmp_path, "val/log_p")
     assert (out["best"], out["best_path"], out["epochs"]) == (-90.5, "c/best-epoch0004.ckpt", 5)
+
+
+def test_a_restarted_worker_resumes_from_the_checkpoint_with_the_most_steps(tmp_path):
+    """Of Ray's checkpoint and the run folder's last.ckpt, the one with more optimizer steps
+    wins; of equals, last.ckpt (listed last), so the resume line names the run's own file."""
+    from pipeline.ray_launcher import latest_checkpoint
+
+    paths = {}
+    for name, step in [("ray", 500), ("last", 500), ("old", 400), ("new", 600)]:
+        paths[name] = str(tmp_path / f"{name}.ckpt")
+        torch.save({"global_step": step}, paths[name])
+    assert latest_checkpoint([]) is None
+    assert latest_checkpoint([paths["ray"], paths["last"]]) == paths["last"]
+    assert latest_checkpoint([paths["new"], paths["last"]]) == paths["new"]
+    assert latest_checkpoint([paths["ray"], paths["old"]]) == paths["ray"]

@@ -580,8 +580,13 @@ def test_an_interrupted_sweep_of_multi_worker_trials_resumes_from_tunes_checkpoi
     assert proc.returncode == 0, proc.stderr[-5000:]
     ((row,),) = [trial_rows(out)]
     assert (row["status"], row["epochs"]) == ("completed", "3"), row
-    # It went on from Tune's checkpoint (now its last.ckpt), not from a fresh start.
-    assert f"bihm: resuming from {trial_dir}/checkpoints/last.ckpt" in proc.stderr
+    # It went on from a checkpoint, not from a fresh start: the run folder's last.ckpt, or
+    # Tune's checkpoint where Tune recorded a later epoch than last.ckpt had when stopped.
+    resumed = re.findall(r"bihm: resuming from (\S+)", proc.stderr)
+    assert len(resumed) == 1, proc.stderr[-5000:]
+    assert resumed[0] == f"{trial_dir}/checkpoints/last.ckpt" or re.fullmatch(
+        rf"{re.escape(str(out))}/tune/.+/checkpoint_\d+/last\.ckpt", resumed[0]
+    ), resumed
     metrics = read_metrics(trial_dir)
     assert metrics[0] == first_row
     assert [m["epoch"] for m in metrics] == ["0", "1", "2"]
