@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test test-avx2 test-slow lint
+.PHONY: setup train test test-avx2 test-slow test-compiled lint
 
 setup: $(STAMP)
 
@@ -37,6 +37,11 @@ test-avx2: $(STAMP)
 
 test-slow: $(STAMP)
 	$(VENV)/bin/pytest -q -m slow
+
+# Compiled mode (train.compile) against eager: each test compiles a model, minutes apiece
+# on a 2-core CPU (docs/performance.md); not yet part of .ci/run.
+test-compiled: $(STAMP)
+	$(VENV)/bin/pytest -q -m compiled
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

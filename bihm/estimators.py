@@ -13,7 +13,7 @@ all stochastic lower bounds that tighten as K grows, and with (x, h) ~ p, h'_m ~
 so log p*(x) ~ log p~*(x) - 2 log Z. A label node y (bihm/labels.py) adds the class
 posteriors q(y | x) ~ mean_k q(y | h_{L-1,k}) and p*(y | x), an importance-sampling
 estimate of the same kind (`classify`). Each estimator runs over (x, h) pairs in chunks of at
-most `chunk`, so K = 10,000 on 10,000 images fits in memory; with a `RowStreams` generator
+most `chunk`, so K = 10,000 on 10,000 images fits in memory; with per-row streams (bihm/rng.py)
 a row's samples, hence its estimates, do not depend on the chunking or the batch.
 The reductions over a data set and across processes are in `bihm.evaluation`.
 """
@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from bihm import labels
+from bihm import compiled, labels
 from bihm.logspace import ess_from_log_weights, log_mean_and_sem, log_mean_exp
-from bihm.rng import Generator, RowStreams
+from bihm.rng import Generator, RowStreams, Streams
 
 if TYPE_CHECKING:
     from bihm.model import BiHM
@@ -66,14 +66,23 @@ def chunked(x: Tensor, K: int, chunk: int, generator: Generator, fn, y=None):
     y = None if y is None else y.reshape(-1)
     k_chunk = max(1, min(K, chunk))
     rows = max(1, chunk // k_chunk)
+    streams = generator if isinstance(generator, Streams) else None
+    draws = 0
     for start in range(0, x.shape[0], rows):
         xb = x[start : start + rows]
         yb = None if y is None else y[start : start + rows]
-        # Per-row streams continue in the same order (chunk by chunk over K) whatever
-        # the number of rows per chunk, so a row's samples do not depend on the batch.
+        # Per-row generators (RowStreams) continue in the same order, chunk by chunk over
+        # K, whatever the number of rows per chunk; counter-based Streams draw each chunk
+        # of K at its own sample offset k0, from the same draw numbers. Either way a row's
+        # samples do not depend on the batch.
         g = generator[start : start + rows] if isinstance(generator, RowStreams) else generator
         for k0 in range(0, K, k_chunk):
+            if streams is not None:
+                g = streams[start : start + rows].at(k0)
             yield start, fn(xb, min(k_chunk, K - k0), g, yb)
+            draws = g.draw if streams is not None else 0
+    if streams is not None:
+        streams.advance(draws)
 
 
 @torch.no_grad()
@@ -124,10 +133,12 @@ def estimates(
     # to 1.5 ulps of |S| (relative 5e-5 at |S| ~ 500), and by a different rounding for
     # each batch shape's reduction kernel. d itself stays in the model's dtype.
     lse = torch.full((3, n), -math.inf, device=model._device, dtype=torch.float64)
-    for start, d in chunked(x, K, chunk, generator, model._log_weights, y):
-        rows = slice(start, start + d.shape[0])
-        d = d.double()
-        part = torch.stack([torch.logsumexp(a * d, -1) for a in (0.5, 1.0, 2.0)])
+    fn = _weight_sums
+    if not isinstance(generator, torch.Generator):  # a generator= breaks a graph
+        fn = compiled.function(fn, "estimators")
+    fn = functools.partial(fn, model)
+    for start, part in chunked(x, K, chunk, generator, fn, y):
+        rows = slice(start, start + part.shape[1])
         lse[:, rows] = torch.logaddexp(lse[:, rows], part)
     half, one, two = lse
     return Estimates(
@@ -136,6 +147,13 @@ def estimates(
         ess_pstar=torch.exp(2 * half - one).reshape(lead),
         ess_p=torch.exp(2 * one - two).reshape(lead),
     )
+
+
+def _weight_sums(model: BiHM, x: Tensor, K: int, generator: Generator, y=None) -> Tensor:
+    """For `estimates`: S_a = logsumexp_k(a d_k) for a = 1/2, 1, 2 over these K samples,
+    in float64; (3, rows)."""
+    d = model._log_weights(x, K, generator, y).double()
+    return torch.stack([torch.logsumexp(a * d, -1) for a in (0.5, 1.0, 2.0)])
 
 
 @torch.no_grad()

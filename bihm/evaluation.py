@@ -3,13 +3,14 @@ exact reduction over the processes that share the data set.
 
 Exactness across ranks and batch sizes
 --------------------------------------
-The samples of example i are drawn from its own stream, seeded by
-(seed, purpose, K, global index i) (`bihm.rng.RowStreams`), while the arithmetic runs on
+The samples of example i are drawn from its own stream, keyed by
+(seed, purpose, K, global index i) (`bihm.rng.row_streams`), while the arithmetic runs on
 whole batches. Ranks accumulate float64 sums (`Sums`, by name) that are summed across
 ranks once, at the end, so a mean is the exact mean over the whole split. 2 log Z (paper
-Eq. 7) is estimated from N outer samples in fixed chunks, chunk c seeded by (seed, c) and
-taken by rank c mod world_size; the per-rank log-sum-exp partials of w and w^2 are
-combined by log-sum-exp. One process and many, and any batch size, give the same numbers
+Eq. 7) is estimated from N outer samples in fixed chunks, chunk c taken by rank
+c mod world_size (and drawn from (seed, c), or sample n from (seed, n) with counter-based
+streams); the per-rank log-sum-exp partials of w
+and w^2 are combined by log-sum-exp. One process and many, and any batch size, give the same numbers
 up to the float rounding of the sums. The Lightning modules sum and gather across ranks
 through their strategy (`Collectives`).
 """
@@ -27,7 +28,7 @@ from torch import Tensor
 from bihm.estimators import Estimates
 from bihm.logspace import log_mean_and_sem
 from bihm.model import BiHM
-from bihm.rng import RowStreams, make_generator
+from bihm.rng import RowStreams, Streams, counter_based, make_generator, row_streams
 
 # Purposes mixed into the seeds, so that no two uses share random numbers.
 TRAIN, LOG_LIKELIHOOD, LOG_Z, GIBBS, RECONSTRUCT, SAMPLES_P, SAMPLES_PSTAR, CLASSIFY = range(1, 9)
@@ -111,7 +112,7 @@ def estimates(
     if x.shape[0] == 0:
         empty = torch.empty(0, dtype=torch.float64, device=x.device)
         return Estimates(empty, empty, empty, empty)
-    streams = RowStreams.keyed(x.device, seed, purpose, K, keys=idx)
+    streams = row_streams(x.device, seed, purpose, K, keys=idx)
     est = model.estimates(x, K, generator=streams)
     return Estimates(*(getattr(est, f.name).double() for f in dataclasses.fields(est)))
 
@@ -125,7 +126,7 @@ def classification_errors(
     counts do not depend on the batch or the rank). Returns {"n", "q", "pstar"}, summed."""
     if x.shape[0] == 0:
         return {"n": 0.0, "q": 0.0, "pstar": 0.0}
-    streams = RowStreams.keyed(x.device, seed, CLASSIFY, K, keys=idx)
+    streams = row_streams(x.device, seed, CLASSIFY, K, keys=idx)
     log_q, log_pstar = model.classify(x, K, generator=streams)
     return {
         "n": float(x.shape[0]),
@@ -147,8 +148,10 @@ def log_z2_partial(
 ) -> Tensor:
     """This rank's [log sum w, log sum w^2] over its chunks of the N outer Eq. 7 terms.
 
-    Chunk c covers outer samples [c * chunk, min(n, (c + 1) * chunk)), uses a generator
-    seeded by (seed, c) and belongs to rank c mod world_size. float64, shape (2,).
+    Chunk c covers outer samples [c * chunk, min(n, (c + 1) * chunk)) and belongs to rank
+    c mod world_size. Its draws come from a generator seeded by (seed, c), or with
+    counter-based streams (`set_counter_based`) outer sample m's from (seed, LOG_Z, inner, m),
+    which makes the terms independent of the chunk size too. float64, shape (2,).
     """
     device = model.prior_logits.device
     lse = torch.full((2,), -math.inf, dtype=torch.float64, device=device)
@@ -159,7 +162,10 @@ def log_z2_partial(
         chunks = tqdm(chunks, desc=f"2 log Z (N={n})", unit="chunk", leave=False)
     for c in chunks:
         size = min(chunk, n - c * chunk)
-        g = make_generator(device, seed, LOG_Z, c)
+        if counter_based():
+            g = Streams.keyed(device, seed, LOG_Z, inner, keys=range(c * chunk, c * chunk + size))
+        else:  # one generator for the chunk: per-row generators would loop over N rows
+            g = make_generator(device, seed, LOG_Z, c)
         terms = model.log_z2_terms(size, inner, generator=g).double()
         part = torch.stack([torch.logsumexp(terms, 0), torch.logsumexp(2 * terms, 0)])
         lse = torch.logaddexp(lse, part)
@@ -172,11 +178,19 @@ def combine_log_z2(partials: Tensor, n: int) -> tuple[float, float]:
     return log_mean_and_sem(float(lse[0]), float(lse[1]), n)
 
 
-def _chain_streams(device, seed: int, purpose: int, idx: Tensor, chains: int) -> RowStreams:
-    """One stream per (example, chain), rows ordered example-major as `repeat_interleave`."""
-    return RowStreams(
-        [make_generator(device, seed, purpose, i, c) for i in idx.tolist() for c in range(chains)]
-    )
+def _chain_streams(
+    device, seed: int, purpose: int, idx: Tensor, chains: int
+) -> Streams | RowStreams:
+    """One stream per (example, chain), rows ordered example-major as `repeat_interleave`:
+    chain c of example i has the stream (seed, purpose, i, c), or with counter-based
+    streams (seed, purpose, chains, i * chains + c)."""
+    if not counter_based():
+        gens = [
+            make_generator(device, seed, purpose, i, c) for i in idx.tolist() for c in range(chains)
+        ]
+        return RowStreams(gens)
+    keys = idx.to(device).reshape(-1, 1) * chains + torch.arange(chains, device=device)
+    return Streams.keyed(device, seed, purpose, chains, keys=keys.reshape(-1))
 
 
 @torch.no_grad()
@@ -244,8 +258,8 @@ def sample_pictures(
     from tqdm.auto import tqdm
 
     device = model.prior_logits.device
-    x_p = model.sample_p(n, generator=make_generator(device, seed, SAMPLES_P, n))[0]
-    streams = RowStreams.keyed(device, seed, SAMPLES_PSTAR, keys=range(n))
+    x_p = model.sample_p(n, generator=row_streams(device, seed, SAMPLES_P, keys=range(n)))[0]
+    streams = row_streams(device, seed, SAMPLES_PSTAR, keys=range(n))
     x_star = []
     bar = tqdm(total=n * steps, desc="Gibbs sweeps x chains", disable=not progress)
     for start in range(0, n, group):

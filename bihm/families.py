@@ -51,7 +51,7 @@ def bernoulli_from_probs(
 ) -> Tensor:
     """h ~ Bern(probs) of the given shape (probs broadcast to it), as float 0/1.
 
-    With a `RowStreams` generator, row i (the first dimension) draws from stream i."""
+    With `Streams`, row i (the first dimension) draws from stream i."""
     u = uniform(shape, generator, probs.device, probs.dtype)
     return (u < probs).to(probs.dtype)
 
@@ -60,7 +60,7 @@ def standard_normal(
     shape: Sequence[int], generator: Generator, device: torch.device, dtype: torch.dtype
 ) -> Tensor:
     """N(0, 1) numbers of `shape` by Box-Muller from two uniforms each (through
-    `bihm.rng.uniform`, so a `RowStreams` draws row i from stream i)."""
+    `bihm.rng.uniform`, so `Streams` draw row i from stream i)."""
     u = uniform((*shape, 2), generator, device, dtype)
     radius = torch.sqrt(-2.0 * torch.log1p(-u[..., 0]))  # 1 - u in (0, 1]: finite
     return radius * torch.cos(2.0 * math.pi * u[..., 1])

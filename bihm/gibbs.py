@@ -227,7 +227,7 @@ def _pick(candidates: Tensor, log_weight: Tensor, generator: Generator) -> Tenso
     """For each chain c pick candidates[c, j] with probability softmax_j(log_weight[c]).
 
     By inversion of the cumulative weights with one uniform per chain (not
-    torch.multinomial), so that per-chain streams (`RowStreams`) work too: the first j
+    torch.multinomial), so that per-chain `Streams` work too: the first j
     with cdf_j >= (1 - u) cdf_J. As 1 - u > 0, a zero-weight candidate is never picked."""
     cdf = torch.softmax(log_weight, dim=-1).cumsum(-1)
     u = uniform((cdf.shape[0], 1), generator, cdf.device, cdf.dtype)

@@ -28,7 +28,7 @@ from bihm import evaluation as ev
 from bihm.errors import UserError
 from bihm.gibbs import half_mask
 from bihm.model import BiHM
-from bihm.rng import make_generator
+from bihm.rng import step_generator
 from bihm.subsets import in_spread_subset, labelled, subset_position
 
 # Running sums of a training epoch and of a validation, by name (see evaluation.Sums).
@@ -182,7 +182,11 @@ class BiHMModule(ev.Collectives, pl.LightningModule):
             keep = labelled(batch[1], float(self.train_cfg.get("labelled_fraction", 1.0)))
             y = torch.where(keep, batch[2], torch.full_like(batch[2], -1))
         rank, _ = self._rank_world()
-        g = make_generator(self.device, self.seed, ev.TRAIN, rank, self.global_step)
+        # Keyed by (seed, TRAIN, rank, step): a resumed run draws what the uninterrupted
+        # one drew.
+        g = step_generator(
+            self.device, self.seed, ev.TRAIN, rank, self.global_step, rows=x.shape[0]
+        )
         out = self.model.loss(
             x,
             K=self.K_at(self.current_epoch),

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from bihm import labels
+from bihm import compiled, labels
 from bihm.families import LOG_STD_MAX, LOG_STD_MIN
 from bihm.logspace import ess_from_log_weights, log_mean_exp
 from bihm.rng import Generator
@@ -77,8 +77,11 @@ class Objective:
     ) -> LossOutput:
         want_grads = _grad_wanted(model)  # False in validation (no_grad) and for frozen models
         labels.check_indices(model, y, x)
+        step = self.surrogate
+        if not isinstance(generator, torch.Generator):  # a generator= breaks a graph
+            step = compiled.function(step, f"{self.name} training step")
         with torch.no_grad():
-            surrogate, d, log_w, grads = self.surrogate(model, x, K, want_grads, generator, y)
+            surrogate, d, log_w, grads = step(model, x, K, want_grads, generator, y)
         loss = -surrogate
         if grads is not None:
             loss = _LocalGradients.apply(loss, grads, *model.parameters())

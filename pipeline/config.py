@@ -146,6 +146,14 @@ class TrainConfig:
     with fp32 master weights, logits, log-probabilities and optimizer. Validation and
     evaluation stay fp32. Fast only where bf16 matmuls are native (AVX512-BF16/AMX CPUs,
     GPUs); see the README for the evidence that it trains as well as fp32."""
+    compile: Literal["auto", True, False] = "auto"
+    """torch.compile for the training step, the estimators and counter-based random
+    streams (bihm/compiled.py). auto: on a GPU (where Triton is present), not on a CPU
+    (measured 1.2x for a step, after minutes of compilation); true: wherever a backend is
+    present (an error names what is missing); false: eager. The two modes draw different
+    random numbers, so their estimates differ by Monte Carlo noise. The first compilation
+    on a machine takes minutes; later processes reuse torch's on-disk cache. Also used by
+    `bihm eval` and `bihm sample`."""
     labelled_fraction: float = 1.0
     """With a label node: the fraction of training examples whose label is used (the same
     ones every epoch, chosen by index); the others are semi-supervised, y ~ q(y | ...)."""

@@ -15,6 +15,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from bihm import compiled
 from bihm import evaluation as ev
 from bihm.checkpoint import CHECKPOINT_FORMAT
 from bihm.errors import CheckpointError, torch_load_error
@@ -22,7 +23,7 @@ from bihm.eval_module import EvalModule
 from bihm.gibbs import half_mask
 from bihm.lightning import BiHMModule
 from bihm.model import BiHM
-from bihm.rng import RowStreams
+from bihm.rng import row_streams
 from pipeline.config import (
     Config,
     DataConfig,
@@ -201,7 +202,7 @@ class SplitDataModule(pl.LightningDataModule):
 
 
 def _trainer(cfg: Config, devices: int, num_nodes: int, progress: bool = True) -> pl.Trainer:
-    from pipeline.train import build_strategy, resolve_accelerator, set_cpu_threads
+    from pipeline.train import Compile, build_strategy, resolve_accelerator, set_cpu_threads
 
     accelerator = resolve_accelerator(cfg.train.accelerator)
     set_cpu_threads(cfg, accelerator, devices)
@@ -210,6 +211,7 @@ def _trainer(cfg: Config, devices: int, num_nodes: int, progress: bool = True) -
         devices=devices,
         num_nodes=num_nodes,
         strategy=build_strategy(accelerator, devices, num_nodes),
+        callbacks=[Compile(cfg.train.compile)],
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -306,11 +308,15 @@ def validate(
 # --------------------------------------------------------------------------- pictures
 def single_device_model(module: BiHMModule, cfg: Config) -> BiHM:
     """The model in eval mode on the config's accelerator (one process)."""
-    from pipeline.train import resolve_accelerator, set_cpu_threads
+    from pipeline.train import report_compile, resolve_accelerator, set_cpu_threads
 
     accelerator = resolve_accelerator(cfg.train.accelerator)
     set_cpu_threads(cfg, accelerator, 1)
-    return module.model.to("cuda" if accelerator == "gpu" else "cpu").eval()
+    device = "cuda" if accelerator == "gpu" else "cpu"
+    seconds = compiled.enable(cfg.train.compile, device)
+    if seconds is not None:
+        report_compile({"the random streams": seconds})
+    return module.model.to(device).eval()
 
 
 def inpaint_picture(
@@ -340,8 +346,9 @@ def inpaint_picture(
         rows = []
         for i in range(x.shape[0]):
             xi, mi = x[i].expand(chains, -1), mask.expand(chains, -1)
-            streams = RowStreams.keyed(device, seed, ev.GIBBS, m, i, keys=range(chains))
-            recon = model.reconstruct(xi[:1], mi[:1], generator=streams[:1])
+            streams = row_streams(device, seed, ev.GIBBS, m, i, keys=range(chains))
+            recon_stream = row_streams(device, seed, ev.RECONSTRUCT, m, i, keys=[0])
+            recon = model.reconstruct(xi[:1], mi[:1], generator=recon_stream)
             filled = model.inpaint(
                 xi, mi, steps=steps, proposals=proposals, inner=inner, generator=streams
             )

@@ -43,6 +43,7 @@ from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from bihm import compiled
 from bihm.atomic import atomic_path, atomic_write_text
 from bihm.errors import UserError
 from bihm.evaluation import sample_pictures
@@ -355,6 +356,40 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, tmp, storage_options)
 
 
+class Compile(Callback):
+    """`train.compile` in every process of the run (each DDP rank, each Ray worker), once
+    its device is known: compiled mode compiles the random streams' draw at setup and the
+    training step and the estimators at their first call; rank 0 reports each one's cost."""
+
+    def __init__(self, setting: bool | str) -> None:
+        self.setting = setting
+        self._reported: set[str] = set()
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        seconds = compiled.enable(self.setting, pl_module.device)
+        if seconds is not None:
+            report_compile({"the random streams": seconds}, trainer.is_global_zero)
+
+    def _report_new(self, trainer: pl.Trainer) -> None:
+        new = {k: v for k, v in compiled.seconds().items() if k not in self._reported}
+        self._reported.update(new)
+        report_compile(new, trainer.is_global_zero)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            self._report_new(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._report_new(trainer)
+
+
+def report_compile(seconds: dict[str, float], rank_zero: bool = True) -> None:
+    """One stderr line per compiled function: its first call's seconds (compilation)."""
+    for name, s in seconds.items():
+        if rank_zero:
+            print(f"bihm: compiled {name} in {s:.1f} s", file=sys.stderr, flush=True)
+
+
 class Preemption(Callback):
     """SIGTERM (scancel, a time limit, a preemption) stops the run at a batch end, the same
     one on every rank, and leaves checkpoints/last.ckpt as its resume point.
@@ -639,7 +674,8 @@ def build_trainer(
         strategy = build_strategy(accelerator, devices, num_nodes)
     else:
         devices, num_nodes = "auto", 1
-    callbacks = build_callbacks(cfg, run_dir) + [Preemption(run_dir)] + list(extra_callbacks)
+    callbacks = build_callbacks(cfg, run_dir) + [Preemption(run_dir), Compile(cfg.train.compile)]
+    callbacks += list(extra_callbacks)
     if accelerator == "cpu" and cfg.train.cpu_threads is None and threads > 1:
         callbacks.append(CPUThreadGovernor(threads))
     logger = build_logger(cfg, run_dir) if logger is None else logger

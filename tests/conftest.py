@@ -70,6 +70,9 @@ def tiny_config(shard_dir: Path, run_dir: Path, **sections) -> dict:
             "accelerator": "cpu",
             "log_every_n_steps": 4,
             "cpu_threads": 1,
+            # Eager: the same numbers as compiled (tests/test_compiled.py checks that),
+            # without a compilation in each of the suite's many processes.
+            "compile": False,
         },
         "optim": {"lr": 0.01},
         "validation": {

@@ -93,3 +93,17 @@ def test_configuration_reference_is_up_to_date():
     )
     # Every key is described.
     assert not re.search(r"\| +\|$", reference(), flags=re.M)
+
+
+def test_committed_run_configs_name_no_absolute_path():
+    """A run folder landed under results/ names its data and run folder relative to where
+    the run started, never by a path of the machine it ran on."""
+    import yaml
+
+    configs = sorted((ROOT / "results").rglob("config.yaml"))
+    assert configs
+    for path in configs:
+        cfg = yaml.safe_load(path.read_text())
+        for key, value in [("run_dir", cfg.get("run_dir")), *cfg.get("data", {}).items()]:
+            if isinstance(value, str) and key.endswith("dir"):
+                assert not value.startswith("/"), f"{path.relative_to(ROOT)}: {key} = {value}"

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from bihm import evaluation as ev
+from bihm import rng
 from bihm.evaluation import combine_log_z2, log_z2_partial
 from bihm.model import BiHM
+from bihm.rng import Streams
 from pipeline.cli import main
 from pipeline.config import config_from_dict
 from pipeline.train import run_training
@@ -62,6 +64,25 @@ def test_log_z_chunks_combine_exactly_across_any_rank_count():
         ]
     )
     assert z1[0] == pytest.approx(float(torch.logsumexp(terms, 0) - math.log(1000)), abs=1e-9)
+
+
+def test_log_z_with_counter_based_streams_does_not_depend_on_the_chunk_size():
+    """Compiled mode (counter-based streams): outer sample m draws from the stream
+    (seed, LOG_Z, inner, m), so any chunk size and rank count give the mean of the same
+    terms. (The compiled kernel draws the eager one's bits: tests/test_rng.py.)"""
+    torch.manual_seed(0)
+    model = BiHM([784, 12, 6])
+    rng.set_counter_based(True, compiled=False)  # the eager draw: no compilation here
+    try:
+        one = combine_log_z2(log_z2_partial(model, 1000, 5, 128, seed=7), 1000)
+        parts = [log_z2_partial(model, 1000, 5, 300, 7, r, 2) for r in range(2)]
+        other = combine_log_z2(torch.stack(parts), 1000)
+    finally:
+        rng.set_counter_based(False)
+    assert other[0] == pytest.approx(one[0], abs=1e-12)
+    streams = Streams.keyed("cpu", 7, ev.LOG_Z, 5, keys=range(1000))
+    terms = model.log_z2_terms(1000, 5, generator=streams).double()
+    assert one[0] == pytest.approx(float(torch.logsumexp(terms, 0) - math.log(1000)), abs=1e-9)
 
 
 def _gen(seed, chunk):
