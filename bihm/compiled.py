@@ -82,6 +82,9 @@ def enable(setting: Setting, device: torch.device | str) -> float | None:
     _enabled = use
     if not use:
         return None
+    # Evaluation meets several K, chunk and batch shapes; a whole graph (fullgraph) fails
+    # outright at the recompile limit rather than falling back, so give it room.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     start = time.perf_counter()
     streams = rng.Streams.keyed(device, 0, keys=range(2))
     for dtype in (torch.float32, torch.float64):

@@ -147,10 +147,13 @@ class Streams:
     k0 on (a chunk of K), `[a:b]` a block of rows, both from the same next draw.
     """
 
-    def __init__(self, keys: Tensor, k0: int = 0, draw: int = 0) -> None:
+    def __init__(self, keys: Tensor, k0: int | Tensor = 0, draw: int = 0) -> None:
         if keys.dim() != 2 or keys.shape[1] != 2 or keys.dtype != torch.int64:
             raise ValueError(f"keys must be an int64 tensor of shape (rows, 2), got {keys.shape}")
-        self.keys, self.k0, self.draw = keys, int(k0), int(draw)
+        self.keys, self.draw = keys, int(draw)
+        # A tensor, not an int: a compiled function that draws a chunk of K then takes it as
+        # an input instead of compiling again for every chunk's offset.
+        self.k0 = torch.as_tensor(k0, dtype=torch.int64, device=keys.device)
 
     @classmethod
     def keyed(
@@ -191,10 +194,13 @@ class Streams:
         per_k = math.prod(shape[2:]) if len(shape) >= 3 else math.prod(shape[1:])
         bits = round(-math.log2(torch.finfo(dtype).eps)) + 1
         j = torch.tensor(self.draw, dtype=torch.int64, device=self.keys.device)
-        k0 = torch.tensor(self.k0, dtype=torch.int64, device=self.keys.device)
         self.draw += 1
-        u = _draw_kernel()(self.keys, j, k0, n_k, per_k, bits)
-        return u.to(dtype).reshape(shape)
+        # Sizes of at least 2: torch.compile specializes a size of 1 (and a second call
+        # with 2 would compile again); the extra rows, samples and units are cut off.
+        rows = len(self)
+        keys = self.keys if rows >= 2 else self.keys.repeat(2, 1)
+        u = _draw_kernel()(keys, j, self.k0, max(n_k, 2), max(per_k, 2), bits)
+        return u[:rows, :n_k, :per_k].to(dtype).reshape(shape)
 
 
 class RowStreams:
