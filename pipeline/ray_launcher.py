@@ -402,13 +402,10 @@ def train_worker(config: dict[str, Any]) -> None:
 
 
 def latest_checkpoint(paths: list[str]) -> str | None:
-    """The checkpoint with the most optimizer steps (the last one of equals), or None.
-
-    Of equals the last: the run folder's last.ckpt comes last and holds the same state as
-    Ray's checkpoint of that epoch, so a resume names the file a user knows."""
+    """The checkpoint with the most optimizer steps (the first one of equals), or None."""
     best, best_step = None, -1
     for path in paths:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        if payload["global_step"] >= best_step:
+        if payload["global_step"] > best_step:
             best, best_step = path, payload["global_step"]
     return best

@@ -517,7 +517,7 @@ def test_summary_is_read_from_the_run_folder_not_from_the_last_report_to_ray(tmp
 
 def test_a_restarted_worker_resumes_from_the_checkpoint_with_the_most_steps(tmp_path):
     """Of Ray's checkpoint and the run folder's last.ckpt, the one with more optimizer steps
-    wins; of equals, last.ckpt (listed last), so the resume line names the run's own file."""
+    wins; of equals, the first listed (Ray's: the restarts' tests name it)."""
     from pipeline.ray_launcher import latest_checkpoint
 
     paths = {}
@@ -525,6 +525,6 @@ def test_a_restarted_worker_resumes_from_the_checkpoint_with_the_most_steps(tmp_
         paths[name] = str(tmp_path / f"{name}.ckpt")
         torch.save({"global_step": step}, paths[name])
     assert latest_checkpoint([]) is None
-    assert latest_checkpoint([paths["ray"], paths["last"]]) == paths["last"]
+    assert latest_checkpoint([paths["ray"], paths["last"]]) == paths["ray"]
     assert latest_checkpoint([paths["new"], paths["last"]]) == paths["new"]
     assert latest_checkpoint([paths["ray"], paths["old"]]) == paths["ray"]

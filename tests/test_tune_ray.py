@@ -580,13 +580,16 @@ def test_an_interrupted_sweep_of_multi_worker_trials_resumes_from_tunes_checkpoi
     assert proc.returncode == 0, proc.stderr[-5000:]
     ((row,),) = [trial_rows(out)]
     assert (row["status"], row["epochs"]) == ("completed", "3"), row
-    # It went on from a checkpoint, not from a fresh start: the run folder's last.ckpt, or
-    # Tune's checkpoint where Tune recorded a later epoch than last.ckpt had when stopped.
-    resumed = re.findall(r"bihm: resuming from (\S+)", proc.stderr)
+    # It went on from a checkpoint of this trial, not from a fresh start: the run folder's
+    # last.ckpt, or Ray's or Tune's checkpoint of the same epoch (the first of equals), which
+    # one depends on when the Ctrl+C fell. (Ray may forward a worker's line twice: count the
+    # checkpoints named, not the lines.)
+    resumed = set(re.findall(r"bihm: resuming from (\S+)", proc.stderr))
     assert len(resumed) == 1, proc.stderr[-5000:]
-    assert resumed[0] == f"{trial_dir}/checkpoints/last.ckpt" or re.fullmatch(
-        rf"{re.escape(str(out))}/tune/.+/checkpoint_\d+/last\.ckpt", resumed[0]
-    ), resumed
+    (path,) = resumed
+    assert path == f"{trial_dir}/checkpoints/last.ckpt" or (
+        path.startswith(f"{out}/") and "/checkpoint_" in path
+    ), path
     metrics = read_metrics(trial_dir)
     assert metrics[0] == first_row
     assert [m["epoch"] for m in metrics] == ["0", "1", "2"]
