@@ -9,10 +9,10 @@ whole batches. Ranks accumulate float64 sums (`Sums`, by name) that are summed a
 ranks once, at the end, so a mean is the exact mean over the whole split. 2 log Z (paper
 Eq. 7) is estimated from N outer samples in fixed chunks, chunk c taken by rank
 c mod world_size (and drawn from (seed, c), or sample n from (seed, n) with counter-based
-streams); the per-rank log-sum-exp partials of w
-and w^2 are combined by log-sum-exp. One process and many, and any batch size, give the same numbers
-up to the float rounding of the sums. The Lightning modules sum and gather across ranks
-through their strategy (`Collectives`).
+streams); the per-rank log-sum-exp partials of w and w^2 are combined by log-sum-exp. One
+process and many, and any batch size, give the same numbers up to the float rounding of
+the sums. The Lightning modules sum and gather across ranks through their strategy
+(`Collectives`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,14 @@ from torch import Tensor
 from bihm.estimators import Estimates
 from bihm.logspace import log_mean_and_sem
 from bihm.model import BiHM
-from bihm.rng import RowStreams, Streams, counter_based, make_generator, row_streams
+from bihm.rng import (
+    RowStreams,
+    Streams,
+    counter_based,
+    make_generator,
+    row_streams,
+    step_generator,
+)
 
 # Purposes mixed into the seeds, so that no two uses share random numbers.
 TRAIN, LOG_LIKELIHOOD, LOG_Z, GIBBS, RECONSTRUCT, SAMPLES_P, SAMPLES_PSTAR, CLASSIFY = range(1, 9)
@@ -258,7 +265,7 @@ def sample_pictures(
     from tqdm.auto import tqdm
 
     device = model.prior_logits.device
-    x_p = model.sample_p(n, generator=row_streams(device, seed, SAMPLES_P, keys=range(n)))[0]
+    x_p = model.sample_p(n, generator=step_generator(device, seed, SAMPLES_P, n, rows=n))[0]
     streams = row_streams(device, seed, SAMPLES_PSTAR, keys=range(n))
     x_star = []
     bar = tqdm(total=n * steps, desc="Gibbs sweeps x chains", disable=not progress)

@@ -241,9 +241,6 @@ class RowStreams:
         return out
 
 
-torch.Generator | RowStreams | None
-
-
 Generator = torch.Generator | RowStreams | Streams | None
 
 
@@ -273,8 +270,9 @@ def row_streams(
 
 
 def step_generator(device: torch.device | str, *parts: int, rows: int) -> Generator:
-    """The random numbers of one training step of `rows` examples, from (parts): `Streams`
-    where the process uses them, else one torch.Generator (eager, the fastest)."""
+    """The random numbers of one batch of `rows` rows that need no per-row exactness (a
+    training step, a set of p samples), from (parts): `Streams` where the process uses
+    them, else one torch.Generator (eager, the fastest)."""
     if _counter_based:
         return Streams.keyed(device, *parts, keys=range(rows))
     return make_generator(device, *parts)
