@@ -38,8 +38,8 @@ test-avx2: $(STAMP)
 test-slow: $(STAMP)
 	$(VENV)/bin/pytest -q -m slow
 
-# Compiled mode (train.compile) against eager: each test compiles a model, minutes apiece
-# on a 2-core CPU (docs/performance.md); not yet part of .ci/run.
+# Compiled mode (train.compile) against eager alone: each test compiles a tiny model (tens
+# of seconds); `make test` runs them too.
 test-compiled: $(STAMP)
 	$(VENV)/bin/pytest -q -m compiled
 

@@ -32,7 +32,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from bihm import BiHM
+from bihm import BiHM, compiled
 
 PAPER_SIZES = [784, 300, 200, 100, 75, 50, 35, 30, 25, 20, 15, 10, 10]
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "bmnist_paper.yaml"
@@ -126,14 +126,25 @@ def bf16_native(device: torch.device) -> bool:
     return cpu_has_bf16()
 
 
-def bench_train(x: torch.Tensor, K: int, steps: int, precision: str = "32-true") -> float:
+def bench_train(
+    x: torch.Tensor,
+    K: int,
+    steps: int,
+    precision: str = "32-true",
+    compile: bool = False,
+    cuda_graphs: bool = True,
+) -> float:
     """Median seconds per training step of the real BiHMModule under a Lightning Trainer
     (configs/bmnist_paper.yaml with train.K = K), on the fixed batch x, in Lightning's
-    `precision` (32-true or bf16-mixed, as train.precision)."""
+    `precision` (32-true or bf16-mixed, as train.precision), compiled (train.compile: true,
+    through bihm train's own Compile callback; the first steps, which compile, are not
+    counted) or eager; on a GPU, compiled with or without CUDA graphs."""
     from bihm.lightning import BiHMModule
     from pipeline.config import load_config
+    from pipeline.train import Compile
 
-    config = load_config(CONFIG, [f"train.K={K}"]).to_dict()
+    config = load_config(CONFIG, [f"train.K={K}", f"train.compile={str(compile).lower()}"])
+    config = config.to_dict()
     module = BiHMModule(config)
     B = x.shape[0]
     data = TensorDataset(x.cpu().repeat(steps, 1), torch.arange(B).repeat(steps))
@@ -148,9 +159,12 @@ def bench_train(x: torch.Tensor, K: int, steps: int, precision: str = "32-true")
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer],
+        callbacks=[timer, Compile(config["train"]["compile"], cuda_graphs)],
     )
-    trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=B))
+    try:
+        trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=B))
+    finally:
+        compiled.enable(False, x.device)  # the process's mode back to eager
     return statistics.median(timer.times[2:])  # the first steps warm up
 
 
@@ -201,17 +215,28 @@ def workload(
     }
 
 
+def eval_batch(model: BiHM, x: torch.Tensor, K: int) -> None:
+    """One validation batch: per-example estimates on the per-example streams, as
+    `bihm.evaluation.estimates` runs them in validation and `bihm eval`."""
+    from bihm import evaluation as ev
+
+    ev.estimates(model, x, torch.arange(x.shape[0], device=x.device), K, seed=0)
+
+
 def run(
     device_name: str = "cpu",
     min_time: float = 3.0,
     progress: bool = True,
     epoch: dict | None = None,
+    compare_compiled: bool = True,
 ) -> dict:
     """All workloads; `epoch` holds the keyword arguments of `bench_epoch` (shard_dir, limit,
     contention), or None to skip the whole-epoch measurement. Each workload's ratio uses the
     matmul GFLOP/s measured just before and just after it (their mean), so a change of load
     on a shared machine during the run does not skew it. Where bf16 is native, the training
-    step at K = 10 and the epoch are measured again in bf16-mixed (the `bf16` entry)."""
+    step at K = 10 and the epoch are measured again in bf16-mixed (the `bf16` entry).
+    With `compare_compiled`, where torch.compile has a backend, the training steps, the
+    validation batch and the epoch again with train.compile: true (the `compiled` entry)."""
     device = torch.device(device_name)
     torch.manual_seed(0)
     model = BiHM(PAPER_SIZES).to(device)
@@ -266,6 +291,16 @@ def run(
         n_z * (1 + inner),
         4 * s,
     )
+    # A validation batch (data.eval_batch_size images at validation.K) on per-example streams.
+    x_eval = random_data(500, device)
+    result["eval_k100"] = measure(
+        "validation batch, 500 images at K=100",
+        lambda: timed(lambda: eval_batch(model, x_eval, 100), device, min_time, warmup=1),
+        500 * 100,
+        4 * s,
+    )
+    if compare_compiled:
+        result["compiled"] = bench_compiled(device, x, x_eval, model, min_time, native, measure)
     result["matmul_gflops"] = statistics.median(matmuls)
 
     chains, proposals = 10, 100
@@ -290,11 +325,81 @@ def run(
                 "val_s": val_s,
                 "epoch_s": train_s + val_s,
             }
+        if result.get("compiled", {}).get("available"):
+            say("one epoch of configs/bmnist_paper.yaml, compiled ...")
+            try:
+                train_s, val_s, _ = one_epoch(
+                    epoch_overrides(epoch["shard_dir"], epoch.get("limit"), progress)
+                    + ["train.compile=true"]
+                )
+            finally:
+                compiled.enable(False, device)
+            result["compiled"]["epoch_paper"] = {
+                "train_s": train_s,
+                "val_s": val_s,
+                "epoch_s": train_s + val_s,
+            }
+    if result.get("compiled", {}).get("available"):
+        result["compiled"]["first_call_s"] = compiled.seconds()
     if device.type == "cuda":
         result["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     else:  # ru_maxrss is in KiB on Linux
         result["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
+
+
+def bench_compiled(
+    device: torch.device,
+    x: torch.Tensor,
+    x_eval: torch.Tensor,
+    model: BiHM,
+    min_time: float,
+    bf16: bool,
+    measure: Callable[[str, Callable[[], float], int, float], dict],
+) -> dict:
+    """The training steps (K = 10, 100; bf16-mixed at K = 10 where `bf16` is native) and
+    the validation batch again in compiled mode, beside the eager ones of the same run.
+    {"available": False, "reason": ...} where torch.compile has no backend."""
+    reason = compiled.missing_backend(device.type)
+    if reason is not None:
+        return {"available": False, "reason": reason}
+    s, B = pair_sum(PAPER_SIZES), x.shape[0]
+    out: dict = {"available": True}
+    for K in (10, 100):
+        steps = max(10, int(min_time * 20_000 / (B * K)))
+        out[f"train_k{K}"] = measure(
+            f"train K={K}, compiled",
+            lambda K=K, steps=steps: bench_train(x, K, steps, compile=True),
+            B * K,
+            8 * s,
+        )
+    steps = max(10, int(min_time * 20_000 / (B * 10)))
+    if device.type == "cuda":  # what the CUDA graphs buy: the compiled step without them
+        out["train_k10_no_graphs"] = measure(
+            "train K=10, compiled without CUDA graphs",
+            lambda: bench_train(x, 10, steps, compile=True, cuda_graphs=False),
+            B * 10,
+            8 * s,
+        )
+    if bf16:
+        out["train_k10_bf16"] = measure(
+            "train K=10, bf16-mixed, compiled",
+            lambda: bench_train(x, 10, steps, precision="bf16-mixed", compile=True),
+            B * 10,
+            8 * s,
+        )
+    compiled.enable(True, device)
+    try:
+        out["eval_k100"] = measure(
+            "validation batch, 500 images at K=100, compiled",
+            # warmup 2: the first call compiles, the second may compile for dynamic shapes
+            lambda: timed(lambda: eval_batch(model, x_eval, 100), device, min_time, warmup=2),
+            500 * 100,
+            4 * s,
+        )
+    finally:
+        compiled.enable(False, device)
+    return out
 
 
 # --------------------------------------------------------------------------- whole epochs
@@ -447,6 +552,7 @@ def format_table(result: dict) -> str:
         f"autograd {1e3 * m['autograd_s']:.1f} ms: {m['speedup']:.2f}x"
     )
     lines.append(f"gibbs: {result['gibbs']['proposals_per_s']:.0f} proposals/s")
+    lines += _compiled_lines(result)
     if "epoch_paper" in result:
         e = result["epoch_paper"]
         lines.append(
@@ -467,6 +573,65 @@ def format_table(result: dict) -> str:
         )
     lines.append(f"peak memory: {result['peak_mem_mb']:.0f} MB")
     return "\n".join(lines)
+
+
+def _compiled_lines(result: dict) -> list[str]:
+    """The eager-against-compiled comparison of `bench_compiled`, side by side."""
+    c = result.get("compiled")
+    if c is None:
+        return []
+    if not c["available"]:
+        return [f"compiled (train.compile: true): not measured: {c['reason']}"]
+    lines = ["compiled (train.compile: true) against eager, this run:"]
+
+    def per_call(w: dict, samples: int) -> float:
+        return samples / w["samples_per_s"]
+
+    pairs = [
+        ("training step, K=10", result["train_k10"], c["train_k10"], 1000, "ms", 1e3),
+        ("training step, K=100", result["train_k100"], c["train_k100"], 10_000, "ms", 1e3),
+        ("validation batch (500 x K=100)", result["eval_k100"], c["eval_k100"], 50_000, "s", 1),
+    ]
+    if "train_k10_no_graphs" in c:
+        pairs.append(
+            (
+                "step, K=10, no CUDA graphs",
+                result["train_k10"],
+                c["train_k10_no_graphs"],
+                1000,
+                "ms",
+                1e3,
+            )
+        )
+    if "train_k10_bf16" in c and "train_k10" in result["bf16"]:
+        pairs.append(
+            (
+                "step, K=10, bf16-mixed",
+                result["bf16"]["train_k10"],
+                c["train_k10_bf16"],
+                1000,
+                "ms",
+                1e3,
+            )
+        )
+    for name, eager, comp, samples, unit, scale in pairs:
+        a, b = per_call(eager, samples), per_call(comp, samples)
+        lines.append(
+            f"  {name:<32}{scale * a:>9.2f} {unit:<3}->{scale * b:>9.2f} {unit:<3}"
+            f"{a / b:>6.2f}x  (ratio {eager['ratio']:.2f} -> {comp['ratio']:.2f})"
+        )
+    if "epoch_paper" in c and "epoch_paper" in result:
+        a, b = result["epoch_paper"], c["epoch_paper"]
+        lines.append(
+            f"  {'epoch of bmnist_paper.yaml':<32}{a['epoch_s']:>9.1f} s  ->"
+            f"{b['epoch_s']:>9.1f} s  {a['epoch_s'] / b['epoch_s']:>6.2f}x  (train "
+            f"{a['train_s']:.1f} -> {b['train_s']:.1f}, validation {a['val_s']:.1f} -> "
+            f"{b['val_s']:.1f})"
+        )
+    firsts = ", ".join(f"{k} {v:.1f} s" for k, v in c.get("first_call_s", {}).items())
+    if firsts:
+        lines.append(f"  first calls (mostly compilation): {firsts}")
+    return lines
 
 
 def write_json(result: dict, path: Path) -> None:

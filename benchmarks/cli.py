@@ -35,7 +35,9 @@ def _bench(args: argparse.Namespace) -> int:
             "limit": args.epoch_limit,
             "contention": not args.no_contention,
         }
-    result = run(args.device, min_time=args.min_time, epoch=epoch)
+    result = run(
+        args.device, min_time=args.min_time, epoch=epoch, compare_compiled=not args.no_compiled
+    )
     print(format_table(result))
     if args.json is not None:
         write_json(result, args.json)
@@ -62,6 +64,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-epoch", action="store_true", help="skip the whole-epoch measurement")
     p.add_argument(
         "--no-contention", action="store_true", help="skip the epoch beside a busy-loop process"
+    )
+    p.add_argument(
+        "--no-compiled",
+        action="store_true",
+        help="skip the comparison with train.compile: true (it compiles for minutes)",
     )
     p.add_argument(
         "--epoch-limit",

@@ -7,7 +7,8 @@
 # The device machine has its own Python with torch and pytorch-lightning but no webdataset
 # and no way to download, so `prepare` puts the pure-Python wheels the pipeline needs there
 # beside the prepared shards (.gpu/ is ignored by git; ~20 MB). `run` installs them, runs
-# `bihm bench --device cuda` (the GPU table of docs/performance.md), then trains every recipe
+# `bihm bench --device cuda` (the GPU table of docs/performance.md: eager against compiled,
+# with and without CUDA graphs), then trains every recipe
 # of configs/sweep_generalization.yaml side by side on the one GPU for GPU_TRAIN_S seconds
 # each (train.max_time_s: each stops on a finished, validated, checkpointed epoch) and packs
 # each run folder into $OUT, to be continued here with `bihm train --resume --run-dir`.
@@ -18,7 +19,8 @@ cd "$(dirname "$0")/.."
 GPU=.gpu
 OUT="${OUT:-$GPU/out}"
 DEVICE="${GPU_SESSION_DEVICE:-cuda}"
-TRAIN_S="${GPU_TRAIN_S:-420}"
+TRAIN_S="${GPU_TRAIN_S:-240}"
+BENCH_S="${GPU_BENCH_S:-270}"  # one device call runs at most 600 s: bench, then training
 
 prepare() {
     local source="${BIHM_DATA_SOURCE:?set BIHM_DATA_SOURCE to the binarized MNIST mirror}"
@@ -41,9 +43,11 @@ run() {
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
     local shards="$GPU/data/binarized_mnist"
     if [ "${GPU_SESSION_BENCH:-1}" = 1 ]; then
-        "$py" -m pipeline.cli bench --device "$DEVICE" --shards "$shards" \
-            --json "$OUT/bench_$DEVICE.json" > "$OUT/bench.log" 2>&1 \
-            || echo "gpu_session: bench failed, see bench.log"
+        # Eager and compiled (train.compile: true, with and without CUDA graphs) side by
+        # side; bounded, so that a slow compilation cannot cost the training below.
+        timeout "$BENCH_S" "$py" -m pipeline.cli bench --device "$DEVICE" --shards "$shards" \
+            --no-contention --json "$OUT/bench_$DEVICE.json" > "$OUT/bench.log" 2>&1 \
+            || echo "gpu_session: bench failed or ran past ${BENCH_S} s, see bench.log"
     fi
     # One process per recipe, all on the one GPU (each is launch-bound, not arithmetic-bound).
     local recipes

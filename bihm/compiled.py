@@ -13,9 +13,11 @@ by Monte Carlo noise only; between compiled and eager arithmetic on the same str
 agree to float rounding (tests/test_compiled.py).
 
 `train.compile: auto` compiles on a GPU (where Triton is present), whose steps are bound
-by kernel launches, and not on a CPU: measured on a 2-core Zen 4 EPYC (one thread, paper
-model, K = 10), a compiled step took 81 ms against 98 ms eager, while compiling it took
-minutes. `true` compiles anywhere a backend is present, `false` never.
+by kernel launches, and not on a CPU: measured on a 2-core Xeon (`bihm bench`, paper
+model), a compiled step took 25.1 ms against 27.5 ms eager and a validation batch 0.59 s
+against 0.65 s, while a whole epoch gained nothing (docs/performance.md). `true` compiles
+anywhere a backend is present, `false` never. On a GPU, compiled functions run as CUDA
+graphs unless `train.cuda_graphs` is false.
 """
 
 from __future__ import annotations
@@ -69,16 +71,23 @@ def resolve(setting: Setting, device_type: str) -> bool:
     return reason is None
 
 
-def enable(setting: Setting, device: torch.device | str) -> float | None:
+def enable(setting: Setting, device: torch.device | str, cuda_graphs: bool = True) -> float | None:
     """Resolve `setting` for `device` and put this process in compiled mode (counter-based
     streams, compiled functions) or eager mode. In compiled mode, compile the streams'
     draw now (one small draw of each precision), so that its cost is paid, and measured,
     before training. Returns those seconds, or None in eager mode. Kernels compiled once
-    are cached on disk (torch's inductor cache): later processes pay a fraction of that."""
-    global _enabled
+    are cached on disk (torch's inductor cache): later processes pay a fraction of that.
+
+    On a GPU with `cuda_graphs`, compiled functions run as CUDA graphs (torch.compile's
+    mode "reduce-overhead"): a step that is hundreds of tiny kernels becomes one launch."""
+    global _enabled, _mode
     device = torch.device(device)
     use = resolve(setting, device.type)
     rng.set_counter_based(use, compiled=use)
+    mode = _mode_for(device, cuda_graphs)
+    if use and mode != _mode:
+        _functions.clear()  # compiled for the other mode: compile again on first use
+        _mode = mode
     _enabled = use
     if not use:
         return None
@@ -94,8 +103,13 @@ def enable(setting: Setting, device: torch.device | str) -> float | None:
 
 # --------------------------------------------------------------------------- functions
 _enabled = False
+_mode = "default"
 _functions: dict[object, object] = {}
 _seconds: dict[str, float] = {}
+
+
+def _mode_for(device: torch.device, cuda_graphs: bool) -> str:
+    return "reduce-overhead" if device.type == "cuda" and cuda_graphs else "default"
 
 
 def function(fn, name: str):
@@ -108,7 +122,16 @@ def function(fn, name: str):
         return fn
     key = (getattr(fn, "__self__", None), getattr(fn, "__func__", fn))
     if key not in _functions:
-        compiled_fn = torch.compile(fn, fullgraph=True)
+        compiled_fn = torch.compile(fn, fullgraph=True, mode=_mode)
+        if _mode == "reduce-overhead":
+            graphed = compiled_fn
+
+            def compiled_fn(*args, **kwargs):
+                # Each call is a new iteration for the CUDA graphs: the outputs of the
+                # previous call (a step's gradients, an estimator chunk's sums) are used up
+                # by then, so their memory may be reused rather than kept per call.
+                torch.compiler.cudagraph_mark_step_begin()
+                return graphed(*args, **kwargs)
 
         def timed_first_call(*args, **kwargs):
             start = time.perf_counter()

@@ -25,7 +25,8 @@ was batched and dealt to ranks, the samples of an example must depend only on
   it is integer arithmetic), and sample k's on k, not on how K was chunked. There is no
   torch.Generator in the arithmetic, so torch.compile takes a sampler whole. Eagerly the
   20 rounds cost some 250 tensor operations per draw, so `Streams` are used where their
-  draw runs compiled (`set_counter_based`), as one fused kernel.
+  draw runs compiled (`set_counter_based`): one fused kernel, compiled once for all
+  shapes, that compiled callers call as the operator `bihm::threefry_uniform`.
 
 The two kinds draw different numbers, so an estimate differs between them by Monte Carlo
 noise only. `row_streams` and `step_generator` give the kind of the process's mode;
@@ -127,15 +128,32 @@ def set_counter_based(enabled: bool, compiled: bool = True) -> None:
 
 
 def _draw_kernel():
-    """`_draw`, or the same function compiled (built once per process, on first use):
-    eager, the 20 rounds are some 250 tensor operations per draw; compiled, one fused
-    kernel that costs about what torch.rand does."""
+    """`_draw` compiled (built once per process, on first use, for all shapes): eager, the
+    20 rounds are some 250 tensor operations per draw; compiled, one fused kernel that
+    costs about what torch.rand does."""
     global _compiled_draw
-    if not _compiled_kernel or torch.compiler.is_compiling():
-        return _draw  # inside a compiled function, the caller's compilation fuses it
     if _compiled_draw is None:
         _compiled_draw = torch.compile(_draw, dynamic=True, fullgraph=True)
     return _compiled_draw
+
+
+@torch.library.custom_op("bihm::threefry_uniform", mutates_args=())
+def _draw_op(keys: Tensor, j: Tensor, k0: Tensor, n_k: int, per_k: int, bits: int) -> Tensor:
+    """The compiled `_draw` as an operator that a compiled caller (a training step, an
+    estimator) calls rather than inlines. Why: inlined, every draw adds two 20-round hashes
+    to the caller's graph, and the code generation of some 50 of them took minutes per
+    model; as an operator, the one hash kernel is compiled once for all shapes and draws."""
+    # One state for every call, whatever the caller's: torch.compile guards on grad mode and
+    # on the inputs' dispatch keys (tensors made in inference mode lack some), and would
+    # compile the kernel again for each combination (validation runs in inference mode).
+    with torch.inference_mode():
+        return _draw_kernel()(keys.clone(), j.clone(), k0.clone(), n_k, per_k, bits)
+
+
+@_draw_op.register_fake
+def _(keys: Tensor, j: Tensor, k0: Tensor, n_k: int, per_k: int, bits: int) -> Tensor:
+    dtype = torch.float32 if bits <= 24 else torch.float64
+    return keys.new_empty((keys.shape[0], n_k, per_k), dtype=dtype)
 
 
 class Streams:
@@ -195,11 +213,17 @@ class Streams:
         bits = round(-math.log2(torch.finfo(dtype).eps)) + 1
         j = torch.tensor(self.draw, dtype=torch.int64, device=self.keys.device)
         self.draw += 1
-        # Sizes of at least 2: torch.compile specializes a size of 1 (and a second call
-        # with 2 would compile again); the extra rows, samples and units are cut off.
+        # Sizes of at least 2 (torch.compile specializes a size of 1, and a second call
+        # with 2 would compile again), at least 3 rows (2 would equal the keys' 2 columns,
+        # a coincidence torch.compile also specializes on) and an even count of float32
+        # units (an odd count would compile a second kernel, which drops the last word of
+        # the last pair); the extra rows, samples and units are cut off.
         rows = len(self)
-        keys = self.keys if rows >= 2 else self.keys.repeat(2, 1)
-        u = _draw_kernel()(keys, j, self.k0, max(n_k, 2), max(per_k, 2), bits)
+        keys = self.keys if rows >= 3 else self.keys[torch.arange(3) % rows]
+        units = max(per_k, 2)
+        units += units % 2 if bits <= 24 else 0
+        draw = _draw_op if _compiled_kernel else _draw
+        u = draw(keys, j, self.k0, max(n_k, 2), units, bits)
         return u[:rows, :n_k, :per_k].to(dtype).reshape(shape)
 
 

@@ -149,11 +149,15 @@ class TrainConfig:
     compile: Literal["auto", True, False] = "auto"
     """torch.compile for the training step, the estimators and counter-based random
     streams (bihm/compiled.py). auto: on a GPU (where Triton is present), not on a CPU
-    (measured 1.2x for a step, after minutes of compilation); true: wherever a backend is
-    present (an error names what is missing); false: eager. The two modes draw different
-    random numbers, so their estimates differ by Monte Carlo noise. The first compilation
-    on a machine takes minutes; later processes reuse torch's on-disk cache. Also used by
-    `bihm eval` and `bihm sample`."""
+    (measured 1.1x for a step and a validation batch, nothing for an epoch); true: wherever
+    a backend is present (an error names what is missing); false: eager. The two modes
+    draw different random numbers, so their estimates differ by Monte Carlo noise. The
+    first compilation of the paper model on a machine takes about a minute on a CPU; later
+    processes reuse torch's on-disk cache. Also used by `bihm eval` and `bihm sample`."""
+    cuda_graphs: bool = True
+    """With train.compile on a GPU: run the compiled functions as CUDA graphs (torch.compile's
+    mode reduce-overhead), one launch per training step instead of hundreds of tiny kernels.
+    false compiles without them (to measure what they buy, or if a driver misbehaves)."""
     labelled_fraction: float = 1.0
     """With a label node: the fraction of training examples whose label is used (the same
     ones every epoch, chosen by index); the others are semi-supervised, y ~ q(y | ...)."""

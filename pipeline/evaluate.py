@@ -211,7 +211,7 @@ def _trainer(cfg: Config, devices: int, num_nodes: int, progress: bool = True) -
         devices=devices,
         num_nodes=num_nodes,
         strategy=build_strategy(accelerator, devices, num_nodes),
-        callbacks=[Compile(cfg.train.compile)],
+        callbacks=[Compile(cfg.train.compile, cfg.train.cuda_graphs)],
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -313,7 +313,7 @@ def single_device_model(module: BiHMModule, cfg: Config) -> BiHM:
     accelerator = resolve_accelerator(cfg.train.accelerator)
     set_cpu_threads(cfg, accelerator, 1)
     device = "cuda" if accelerator == "gpu" else "cpu"
-    seconds = compiled.enable(cfg.train.compile, device)
+    seconds = compiled.enable(cfg.train.compile, device, cfg.train.cuda_graphs)
     if seconds is not None:
         report_compile({"the random streams": seconds})
     return module.model.to(device).eval()

@@ -361,12 +361,14 @@ class Compile(Callback):
     its device is known: compiled mode compiles the random streams' draw at setup and the
     training step and the estimators at their first call; rank 0 reports each one's cost."""
 
-    def __init__(self, setting: bool | str) -> None:
-        self.setting = setting
-        self._reported: set[str] = set()
+    def __init__(self, setting: bool | str, cuda_graphs: bool = True) -> None:
+        self.setting, self.cuda_graphs = setting, cuda_graphs
+        # Functions this process compiled before this run (an earlier fit) are not reported
+        # again as if this run had compiled them.
+        self._reported: set[str] = set(compiled.seconds())
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        seconds = compiled.enable(self.setting, pl_module.device)
+        seconds = compiled.enable(self.setting, pl_module.device, self.cuda_graphs)
         if seconds is not None:
             report_compile({"the random streams": seconds}, trainer.is_global_zero)
 
@@ -674,7 +676,10 @@ def build_trainer(
         strategy = build_strategy(accelerator, devices, num_nodes)
     else:
         devices, num_nodes = "auto", 1
-    callbacks = build_callbacks(cfg, run_dir) + [Preemption(run_dir), Compile(cfg.train.compile)]
+    callbacks = build_callbacks(cfg, run_dir) + [
+        Preemption(run_dir),
+        Compile(cfg.train.compile, cfg.train.cuda_graphs),
+    ]
     callbacks += list(extra_callbacks)
     if accelerator == "cpu" and cfg.train.cpu_threads is None and threads > 1:
         callbacks.append(CPUThreadGovernor(threads))

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from benchmarks import bench
 from benchmarks.bench import autograd_loss
-from bihm import BiHM
+from bihm import BiHM, rng
 from pipeline.cli import main
 from tests.conftest import make_shards
 
@@ -21,11 +22,13 @@ def test_bench_writes_the_documented_json(tmp_path, capsys, monkeypatch):
     out = tmp_path / "bench.json"
     shards = make_shards(tmp_path / "shards")
     args = ["--shards", str(shards), "--epoch-limit", "200"]
-    assert main(["bench", "--min-time", "0.05", *args, "--json", str(out)]) == 0
+    # The comparison with compiled mode compiles the paper model: the slow test below.
+    assert main(["bench", "--min-time", "0.05", *args, "--no-compiled", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
+    assert "compiled" not in result
     assert {"cpu", "cores", "torch_threads", "torch"} <= set(result["machine"])
     assert result["matmul_gflops"] > 0
-    for key in ("train_k10", "train_k100", "log_likelihood", "log_z2"):
+    for key in ("train_k10", "train_k100", "log_likelihood", "log_z2", "eval_k100"):
         w = result[key]
         assert w["samples_per_s"] > 0 and w["gflops"] > 0
         assert abs(w["ratio"] - w["gflops"] / w["matmul_gflops"]) < 1e-9
@@ -45,9 +48,36 @@ def test_bench_writes_the_documented_json(tmp_path, capsys, monkeypatch):
     assert be["train_s"] > 0 and be["val_s"] > 0 and be["epoch_s"] == be["train_s"] + be["val_s"]
     table = capsys.readouterr().out
     assert "train_k10" in table and "train_k10 bf16" in table and "bf16-mixed" in table
-    # Where bf16 is emulated, the table says it was not measured.
+    # Where bf16 is emulated, the table says it was not measured; where torch.compile has
+    # no backend, the table says why the comparison is missing.
     result["bf16"] = {"native": False}
     assert "bf16: not native" in bench.format_table(result)
+    result["compiled"] = {"available": False, "reason": "no C++ compiler"}
+    assert "compiled (train.compile: true): not measured: no C++ compiler" in bench.format_table(
+        result
+    )
+
+
+@pytest.mark.slow
+def test_bench_compares_compiled_with_eager_in_the_same_run(tmp_path, capsys):
+    """The `compiled` entry: the training steps, the validation batch and the epoch again
+    with train.compile: true, each beside its eager number in the table; the first calls'
+    seconds (compilation) reported; the process back in eager mode afterwards."""
+    out = tmp_path / "bench.json"
+    shards = make_shards(tmp_path / "shards")
+    args = ["--shards", str(shards), "--epoch-limit", "200", "--no-contention"]
+    assert main(["bench", "--min-time", "0.05", *args, "--json", str(out)]) == 0
+    c = json.loads(out.read_text())["compiled"]
+    assert c["available"] is True
+    for key in ("train_k10", "train_k100", "eval_k100"):
+        assert c[key]["samples_per_s"] > 0 and c[key]["ratio"] > 0
+    assert c["epoch_paper"]["epoch_s"] == c["epoch_paper"]["train_s"] + c["epoch_paper"]["val_s"]
+    assert c["first_call_s"]["bihm training step"] > 0 and c["first_call_s"]["estimators"] > 0
+    assert not rng.counter_based()  # back in eager mode
+    table = capsys.readouterr().out
+    for line in ("training step, K=10", "validation batch (500 x K=100)", "epoch of bmnist"):
+        assert f"  {line}" in table
+    assert "first calls (mostly compilation): " in table
 
 
 def test_the_autograd_baseline_computes_the_same_gradients():

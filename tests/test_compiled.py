@@ -1,9 +1,10 @@
 """Compiled mode (bihm/compiled.py, `train.compile`): the compiled training step and
 estimators against the eager ones on the same counter-based streams, the exact-enumeration
 checks of the estimators in compiled mode, the setting's resolution, and a training run
-that compiles and resumes. Compiling a model takes minutes on a small CPU
-(docs/performance.md), so all but the setting's resolution are marked `compiled` and run
-by `make test-compiled`, not yet by .ci/run."""
+that compiles and resumes, and a DDP run that compiles in each process. Compiling a tiny
+model takes some tens of seconds on a small CPU; the tests that compile are marked
+`compiled` (`make test-compiled` runs them alone) and are part of the default suite, the
+DDP one `slow`."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from bihm.compiled import CompileUnavailable, resolve
 from bihm.rng import Streams
 from pipeline.config import config_from_dict
 from pipeline.train import run_training
-from tests.conftest import make_shards, read_metrics, tiny_config
+from tests.conftest import make_shards, read_metrics, run_python, tiny_config
 from tests.exact import enumerate_model, fit_q_to_posterior, tiny_model
 
 
@@ -38,7 +39,7 @@ def _step(model, x, K, objective):
 
 
 @pytest.mark.compiled
-@pytest.mark.timeout(2400)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("objective", ["bihm", "rws"])
 def test_the_compiled_step_equals_the_eager_step_on_the_same_streams(objective, compiled_mode):
     """float64, so that no sample can fall the other way of its uniform by rounding:
@@ -59,7 +60,7 @@ def test_the_compiled_step_equals_the_eager_step_on_the_same_streams(objective, 
 
 
 @pytest.mark.compiled
-@pytest.mark.timeout(2400)
+@pytest.mark.timeout(900)
 def test_compiled_estimates_equal_eager_ones_and_do_not_depend_on_the_chunking(compiled_mode):
     model = tiny_model((6, 4, 3), scale=1.0).double()
     x = (torch.rand(11, 6, generator=torch.Generator().manual_seed(2)) < 0.5).double()
@@ -78,7 +79,7 @@ def test_compiled_estimates_equal_eager_ones_and_do_not_depend_on_the_chunking(c
 
 
 @pytest.mark.compiled
-@pytest.mark.timeout(2400)
+@pytest.mark.timeout(900)
 def test_compiled_estimates_converge_to_the_exact_values(compiled_mode):
     """tests/test_model_exact.py's check of log p and log p~* (K = 20,000 against the
     enumerated values, within 5 standard errors plus the Jensen bias), in compiled mode."""
@@ -110,7 +111,7 @@ def test_the_setting_resolves_per_device(monkeypatch):
 
 
 @pytest.mark.compiled
-@pytest.mark.timeout(2400)
+@pytest.mark.timeout(900)
 def test_a_compiled_run_trains_reports_its_compilation_and_resumes(tmp_path, capfd):
     """train.compile: true through `run_training`: the streams, the step and the
     estimators are compiled (each reported once), and a resume continues compiled."""
@@ -130,3 +131,61 @@ def test_a_compiled_run_trains_reports_its_compilation_and_resumes(tmp_path, cap
     rows = read_metrics(tmp_path / "run")
     assert [r["epoch"] for r in rows] == ["0", "1"]
     assert all(float(r["val/log_ptilde_star"]) < 0 for r in rows)
+
+
+def test_on_a_gpu_compiled_functions_run_as_cuda_graphs_marking_each_call(monkeypatch):
+    """What the CPU can check of the CUDA-graph path: on a CUDA device (with cuda_graphs)
+    `compiled.function` compiles with mode reduce-overhead and marks a new CUDA-graph
+    iteration before every call (so a call's outputs may be reused by the next one), and
+    with cuda_graphs false, or on a CPU, compiles in the default mode without marks. The
+    GPU run itself is benchmarks/gpu_session.sh's."""
+    modes, marks = [], []
+
+    def fake_compile(fn, fullgraph, mode):
+        modes.append(mode)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    monkeypatch.setattr(compiled, "resolve", lambda setting, device_type: True)
+    monkeypatch.setattr(rng, "uniform", lambda *args: None)  # no CUDA draw to warm up
+    monkeypatch.setattr(rng.Streams, "keyed", classmethod(lambda cls, *a, **k: None))
+    try:
+        for device, graphs, mode, n_marks in [
+            ("cuda", True, "reduce-overhead", 2),
+            ("cuda", False, "default", 0),
+            ("cpu", True, "default", 0),
+        ]:
+            modes.clear(), marks.clear()
+            compiled.enable(True, device, cuda_graphs=graphs)
+
+            def double(t):
+                return 2 * t
+
+            fn = compiled.function(double, f"double on {device}")
+            assert fn(1) == 2 and compiled.function(double, "again")(2) == 4
+            assert modes == [mode] and len(marks) == n_marks, (device, graphs)
+    finally:
+        monkeypatch.undo()
+        compiled.enable(False, "cpu")
+
+
+@pytest.mark.slow
+def test_ddp_training_compiles_in_every_process(tmp_path):
+    """`bihm train --devices 2 --set train.compile=true`: both gloo processes run compiled
+    (rank 0 reports each compilation once) and the run's validation counts every example
+    once, as in eager mode."""
+    import yaml
+
+    shards = make_shards(tmp_path / "shards")
+    cfg = tiny_config(shards, tmp_path / "run", train={"max_epochs": 1, "compile": True})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    proc = run_python(
+        ["-m", "pipeline.cli", "train", "--config", str(tmp_path / "c.yaml"), "--devices", "2"],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for name in ("the random streams", "bihm training step", "estimators"):
+        assert proc.stderr.count(f"bihm: compiled {name} in ") == 1, proc.stderr[-4000:]
+    (row,) = read_metrics(tmp_path / "run")
+    assert float(row["val/n"]) == 200 and float(row["val/log_ptilde_star"]) < 0
