@@ -363,9 +363,7 @@ class Compile(Callback):
 
     def __init__(self, setting: bool | str, cuda_graphs: bool = True) -> None:
         self.setting, self.cuda_graphs = setting, cuda_graphs
-        # Functions this process compiled before this run (an earlier fit) are not reported
-        # again as if this run had compiled them.
-        self._reported: set[str] = set(compiled.seconds())
+        self._reported: set[str] = set()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         seconds = compiled.enable(self.setting, pl_module.device, self.cuda_graphs)
