@@ -93,3 +93,18 @@ def test_the_autograd_baseline_computes_the_same_gradients():
         grads.append([p.grad.clone() for p in model.parameters()])
     for manual, auto in zip(*grads, strict=True):
         torch.testing.assert_close(manual, auto, rtol=1e-4, atol=1e-6)
+
+
+def test_step_modes_times_each_mode_and_leaves_the_process_eager(capsys):
+    """benchmarks/step_modes.py (docs/performance.md's per-part figures): each mode asked
+    for is timed, and the process is back to eager draws afterwards. The compiled mode is
+    covered by the compiled tests; here eager and the counter-based streams."""
+    from benchmarks import step_modes
+
+    assert step_modes.main(["eager", "streams", "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("ms/step") == 2 and out.startswith("eager") and "\nstreams" in out
+    assert not rng.counter_based()
+    with pytest.raises(SystemExit):
+        step_modes.main(["fast"])
+    assert "unknown mode 'fast'" in capsys.readouterr().err
