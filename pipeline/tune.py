@@ -39,6 +39,10 @@ Sweep folder `runs/<name>/`:
     trials/<id>/       each trial's run folder (config.yaml, metrics.csv, checkpoints/, ...)
     tune/              Ray Tune's experiment state (what `--resume` restores)
     sweep.json         what `--resume` needs besides: trial count, --set, workers per trial
+
+`bihm tune --config SWEEP --collect DIR` runs nothing: it rewrites DIR's results.csv,
+trials.png and best.yaml from the run folders DIR/trials/* (`records_from_runs`), with the
+epochs of trials continued after the sweep by `bihm train --resume`.
 """
 
 from __future__ import annotations
@@ -938,6 +942,77 @@ def write_outputs(sweep: Sweep, records: list[TrialRecord]) -> TrialRecord | Non
     if best is not None:
         write_best(sweep, best)
     return best
+
+
+def _dotted(data: dict[str, Any], key: str) -> Any:
+    """The value at `a.b.c` of a nested config dict; KeyError where a level is missing."""
+    for part in key.split("."):
+        data = data[part]
+    return data
+
+
+def _validated(data: dict[str, Any]) -> dict[str, Any]:
+    """A config dict as `pipeline.config` reads it: types checked, values normalised."""
+    return config_from_dict(data).to_dict()
+
+
+def _trial_params(sweep: Sweep, config: dict[str, Any], where: Path) -> dict[str, Any]:
+    """The searched values a trial ran with, read back from its config.yaml: a continuous or
+    plain key's value as it is; for a bundle or choice, the option whose settings the config
+    holds on every key that any option of that param sets (so the empty recipe {} of a grid
+    is told apart from the ones that add a key)."""
+    params: dict[str, Any] = {}
+    for p in sweep.params:
+        if p.kind not in ("grid", "choice"):
+            params[p.key] = _dotted(config, p.key)
+            continue
+        options = [v if p.key == BUNDLE_KEY else {p.key: v} for v in p.values]
+        keys = sorted({k for option in options for k in option})
+        held = [_dotted(config, k) for k in keys]
+        match = [
+            v
+            for v, option in zip(p.values, options, strict=True)
+            if [_dotted(_validated(apply_params(sweep.base, option)), k) for k in keys] == held
+        ]
+        if len(match) != 1:
+            raise ConfigError(
+                f"{where}: its config matches {len(match)} of the values of search key "
+                f"{p.key!r}, not one: is it a trial of {sweep.path}?"
+            )
+        params[p.key] = match[0]
+    return params
+
+
+def records_from_runs(sweep: Sweep, sweep_dir: Path) -> list[TrialRecord]:
+    """A TrialRecord per run folder under `sweep_dir`/trials/ (config.yaml and metrics.csv),
+    read from the folders themselves rather than from Tune's state: so that a trial continued
+    after the sweep with `bihm train --resume` counts with all its epochs, and a study whose
+    trials ran as plain `bihm train` runs of the sweep's configs can be summarised as a sweep.
+    A trial is `completed` once it has the sweep's epochs, else `unfinished`."""
+    from pipeline.compare import read_metric
+
+    trials = sweep_dir / TRIALS_DIR
+    runs = (
+        sorted(d for d in trials.iterdir() if (d / "metrics.csv").is_file())
+        if trials.is_dir()
+        else []
+    )
+    if not runs:
+        raise ConfigError(f"{trials}: no trial folders (with a metrics.csv) to collect")
+    records = []
+    for run in runs:
+        config_path = run / "config.yaml"
+        try:
+            config = _validated(yaml.safe_load(config_path.read_text()))
+        except (OSError, yaml.YAMLError, ConfigError) as err:
+            raise ConfigError(f"{config_path}: cannot read the trial's config ({err})") from None
+        params = _trial_params(sweep, config, config_path)
+        # A resumed run may redo the epoch its checkpoint was written in: the later row counts.
+        by_epoch = dict(zip(*read_metric(run, sweep.spec.metric), strict=True))
+        epochs = sorted(by_epoch)
+        status = "completed" if len(epochs) >= sweep.max_epochs else "unfinished"
+        records.append(TrialRecord(run.name, status, params, epochs, [by_epoch[e] for e in epochs]))
+    return records
 
 
 def _error_line(trial: Any) -> str:

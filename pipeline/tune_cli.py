@@ -26,6 +26,8 @@ def _tune(args: argparse.Namespace) -> int:
     if args.num_cpus is not None and args.address:
         raise ConfigError("--num-cpus: only for a local Ray (not with --address)")
     sweep = load_sweep(args.config, args.set)
+    if args.collect is not None:
+        return _collect(sweep, args.collect)
     scaling = trial_scaling(
         sweep,
         args.workers_per_trial,
@@ -69,6 +71,27 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _collect(sweep, sweep_dir: Path) -> int:
+    """`--collect DIR`: results.csv, trials.png and best.yaml of DIR from its trial folders."""
+    import dataclasses
+
+    from pipeline.config import ConfigError
+    from pipeline.tune import records_from_runs, write_outputs
+
+    if not sweep_dir.is_dir():
+        raise ConfigError(f"--collect: {sweep_dir} is not a folder")
+    records = records_from_runs(sweep, sweep_dir)
+    spec = dataclasses.replace(sweep.spec, run_dir=str(sweep_dir))
+    best = write_outputs(dataclasses.replace(sweep, spec=spec), records)
+    done = sum(r.status == "completed" for r in records)
+    line = f"bihm tune: collected {len(records)} trials in {sweep_dir} ({done} completed)"
+    if best is not None:
+        value, epoch = best.best(sweep.spec.mode)
+        line += f"; best {sweep.spec.metric} {value:.4f} (trial {best.trial_id}, epoch {epoch})"
+    print(line)
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "tune", help="Ray Tune sweep over training hyper-parameters (see configs/sweep_*.yaml)"
@@ -84,6 +107,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)"
+    )
+    p.add_argument(
+        "--collect",
+        type=Path,
+        metavar="DIR",
+        default=None,
+        help="run nothing: rewrite DIR's results.csv, trials.png and best.yaml from the run "
+        "folders DIR/trials/* (with the epochs of trials continued by `bihm train --resume`)",
     )
     ray = p.add_argument_group(
         "multi-worker trials: each trial a Ray Train run, as `bihm train --launcher ray`"

@@ -259,6 +259,55 @@ def test_outputs_pick_the_best_epoch_of_any_trial_and_record_failures(tmp_path):
     assert not (tmp_path / "out" / "best.yaml").exists()
 
 
+def test_collect_summarises_a_sweep_from_its_trial_folders(tmp_path, capsys):
+    """`bihm tune --collect DIR` writes results.csv and trials.png from DIR/trials/*: each
+    trial's recipe read back from its config.yaml (the empty recipe told apart from those
+    that add keys), all its epochs (a continuation past the sweep's counts, a redone epoch
+    once, its later value), completed once it has the sweep's epochs."""
+    from pipeline.cli import main
+    from pipeline.tune import apply_params
+
+    grid = [{}, {"optim.l2": 1e-4}, {"optim.l2": 1e-4, "data.binarization": "dynamic"}]
+    path = make_sweep(tmp_path, search={"set": {"grid": grid}}, metric="val/log_pstar")
+    sweep = load_sweep(path)
+    out = tmp_path / "study"
+    rows = {  # folder: (recipe, [(epoch, value)])
+        "plain": ({}, [(0, -200.0), (1, -150.0), (2, -140.0)]),
+        "l2": ({"optim.l2": 1e-4}, [(0, -210.0), (1, -190.0), (1, -180.0)]),
+        "both": ({"optim.l2": 1e-4, "data.binarization": "dynamic"}, [(0, -220.0)]),
+    }
+    for name, (recipe, metrics) in rows.items():
+        run = out / "trials" / name
+        run.mkdir(parents=True)
+        cfg = config_from_dict(apply_params(sweep.base, recipe)).to_dict()
+        write_yaml(run / "config.yaml", cfg)
+        lines = ["epoch,val/log_pstar"] + [f"{e},{v}" for e, v in metrics]
+        (run / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+    assert main(["tune", "--config", str(path), "--collect", str(out)]) == 0
+    assert "collected 3 trials" in capsys.readouterr().out
+    got = {r["trial_id"]: r for r in read_csv(out / "results.csv")}
+    assert json.loads(got["plain"]["set"]) == {}
+    assert json.loads(got["l2"]["set"]) == {"optim.l2": 1e-4}
+    assert json.loads(got["both"]["set"]) == grid[2]
+    assert got["plain"]["status"] == "completed" and got["plain"]["epochs"] == "3"
+    assert got["l2"]["epochs"] == "2" and got["l2"]["final_val/log_pstar"] == "-180.0"
+    assert got["both"]["status"] == "unfinished"
+    assert got["plain"]["best_val/log_pstar"] == "-140.0"
+    assert (out / "trials.png").stat().st_size > 0
+
+    # A folder whose config is no trial of this sweep: a one-line error naming it.
+    stray = out / "trials" / "stray"
+    stray.mkdir()
+    cfg = config_from_dict(apply_params(sweep.base, {"optim.l2": 3e-3})).to_dict()
+    write_yaml(stray / "config.yaml", cfg)
+    (stray / "metrics.csv").write_text("epoch,val/log_pstar\n0,-1.0\n")
+    assert main(["tune", "--config", str(path), "--collect", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"{stray / 'config.yaml'}: its config matches 0 of the values of search key 'set'" in err
+
+
 # --------------------------------------------------------------------------- Ray Tune
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
