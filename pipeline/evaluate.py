@@ -149,9 +149,11 @@ def _load_checkpoint(
 
 
 def _with_gibbs(data: dict, overrides: list[str], with_gibbs: bool) -> list[str]:
+    # An evaluation is one validation pass: a training run's cadence does not apply.
+    overrides = [*overrides, "validation.every_n_epochs=1"]
     if with_gibbs and not data.get("model", {}).get("labels"):
         return [*overrides, "validation.gibbs.every_n_epochs=1"]
-    return list(overrides)
+    return overrides
 
 
 def _dataset_for(model: BiHM) -> str:

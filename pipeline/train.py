@@ -199,7 +199,8 @@ def _prepared_siblings(folder: Path, limit: int = 3) -> list[str]:
 
 # --------------------------------------------------------------------------- callbacks
 class MetricsCSV(Callback):
-    """metrics.csv with one row per epoch from `BiHMModule.epoch_metrics`, and curves.png.
+    """metrics.csv with one row per validated epoch from `BiHMModule.epoch_metrics`, and
+    curves.png.
 
     Each row also says where the time went: `train_time_s` (the training batches),
     `val_time_s` (validation with 2 log Z and Gibbs inpainting, and the sample pictures
@@ -264,6 +265,25 @@ class MetricsCSV(Callback):
             out = {k: (int(v) if k == "epoch" else repr(float(v))) for k, v in row.items()}
             writer.writerow({k: ("" if v == "nan" else v) for k, v in out.items()})
         atomic_write_text(self.path, buf.getvalue())
+
+
+class ConfiguredEarlyStopping(EarlyStopping):
+    """Lightning's EarlyStopping, with the patience of the config on --resume.
+
+    Lightning restores the patience saved in the checkpoint, so `--resume --set
+    train.early_stopping_patience=20` would keep the old one without a word. The wait count
+    and the best score still come from the checkpoint, under Lightning's own state key, so
+    that checkpoints written by plain EarlyStopping resume with them.
+    """
+
+    @property
+    def state_key(self) -> str:
+        return f"EarlyStopping{dict(monitor=self.monitor, mode=self.mode)!r}"
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        patience = self.patience
+        super().load_state_dict(state_dict)
+        self.patience = patience
 
 
 class SamplesCallback(Callback):
@@ -557,11 +577,12 @@ def build_callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
         MetricsCSV(run_dir),
     ]
     if cfg.train.early_stopping_patience is not None:
+        every = cfg.validation.every_n_epochs
         callbacks.append(
-            EarlyStopping(
+            ConfiguredEarlyStopping(
                 monitor=monitor_metric(cfg),
                 mode="max",
-                patience=cfg.train.early_stopping_patience,
+                patience=math.ceil(cfg.train.early_stopping_patience / every),
                 check_on_train_epoch_end=False,
                 verbose=True,
             )
@@ -704,7 +725,7 @@ def build_trainer(
         enable_progress_bar=cfg.logging.progress_bar,
         enable_model_summary=is_rank_zero(),
         num_sanity_val_steps=0,
-        check_val_every_n_epoch=1,
+        check_val_every_n_epoch=cfg.validation.every_n_epochs,
         log_every_n_steps=cfg.train.log_every_n_steps,
         # The data module shards every split itself (exactly-once validation).
         use_distributed_sampler=False,

@@ -73,6 +73,9 @@ def test_smoke_config_is_tiny():
         ("model.labels=10", "model.labels"),  # binarized MNIST has no labels
         ("model.labels=-1", "model.labels"),
         ("train.labelled_fraction=1.5", "train.labelled_fraction"),
+        ("validation.every_n_epochs=0", "validation.every_n_epochs"),
+        # the Gibbs inpainting and sample pictures are drawn at a validation
+        ("validation.every_n_epochs=3", "validation.gibbs.every_n_epochs"),
     ],
 )
 def test_bad_override_names_the_key(override, key):

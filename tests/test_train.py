@@ -291,6 +291,42 @@ def test_early_stopping_on_validation_log_ptilde_star(shards, tmp_path):
     ]
 
 
+def _frozen_config(shards: Path, run_dir: Path, **train) -> dict:
+    """A tiny run whose validation log p~* cannot change (an lr far below float32
+    resolution): every validation after the first is one without improvement."""
+    cfg = tiny_config(shards, run_dir, train=train, optim={"lr": 1e-20})
+    cfg["data"].update(train_limit=300, valid_limit=64)  # 3 steps an epoch
+    cfg["validation"]["gibbs"]["every_n_epochs"] = 0
+    cfg["samples"]["every_n_epochs"] = 0
+    return cfg
+
+
+def test_validation_every_n_epochs_and_patience_in_epochs(shards, tmp_path):
+    """validation.every_n_epochs 2: validated epochs 1, 3, 5, ..., a metrics.csv row each;
+    a patience of 3 epochs is 2 validations, so the run stops at epoch 5 (not at 7, which a
+    patience of 3 validations would give)."""
+    run_dir = tmp_path / "run"
+    cfg = _frozen_config(shards, run_dir, max_epochs=10, early_stopping_patience=3)
+    cfg["validation"]["every_n_epochs"] = 2
+    result = run_training(config_from_dict(cfg))
+    assert [int(r["epoch"]) for r in read_metrics(run_dir)] == [1, 3, 5]
+    assert result["epochs"] == 6
+
+
+def test_a_patience_changed_on_resume_takes_effect(shards, tmp_path):
+    """Lightning restores EarlyStopping's patience from the checkpoint; the config's wins
+    here, while the wait count and best score still come from the checkpoint: 2 epochs at
+    patience 5 (waiting 1), then --resume at patience 2 stops after epoch 2 (patience 5
+    would run to epoch 5, and a lost wait count to epoch 4)."""
+    run_dir = tmp_path / "run"
+    cfg = _frozen_config(shards, run_dir, max_epochs=2, early_stopping_patience=5)
+    run_training(config_from_dict(cfg))
+    cfg["train"].update(max_epochs=8, early_stopping_patience=2)
+    result = run_training(config_from_dict(cfg), resume=True)
+    assert [int(r["epoch"]) for r in read_metrics(run_dir)] == [0, 1, 2]
+    assert result["epochs"] == 3
+
+
 def test_time_limit_stops_on_a_finished_validated_epoch(shards, tmp_path):
     """train.max_time_s is checked at epoch ends: a limit that has passed after the first
     step still lets epoch 0 finish, validate and checkpoint, then stops (not mid-epoch)."""
