@@ -502,8 +502,29 @@ def ray_entrypoint(args: argparse.Namespace, working_dir: Path) -> str:
             ) from None
 
     sets = [a for o in args.set for a in ("--set", o)]
+    trial_workers = getattr(args, "workers_per_trial", None)
+    if trial_workers is not None and args.tune is None:
+        raise SubmitError("--workers-per-trial: only with --tune (the workers of each trial)")
     if args.tune is not None:
+        if args.workers is not None:
+            raise SubmitError("--workers: for a training job; a sweep's is --workers-per-trial")
         cmd = ["tune", "--config", inside("--tune", args.tune), *sets, "--address", "auto"]
+        if trial_workers is None:
+            for flag, value in (
+                ("--gpus-per-worker", args.gpus_per_worker),
+                ("--cpus-per-worker", args.cpus_per_worker),
+            ):
+                if value is not None:
+                    raise SubmitError(f"{flag}: with --tune, only with --workers-per-trial")
+        else:
+            if trial_workers < 1:
+                raise SubmitError(f"--workers-per-trial: must be >= 1, got {trial_workers}")
+            # bihm tune checks them against the Ray cluster's resources before any trial.
+            cmd += ["--workers-per-trial", str(trial_workers)]
+            if args.gpus_per_worker is not None:
+                cmd += ["--gpus-per-worker", f"{args.gpus_per_worker:g}"]
+            if args.cpus_per_worker is not None:
+                cmd += ["--cpus-per-worker", f"{args.cpus_per_worker:g}"]
     else:
         cmd = ["train", "--config", inside("--config", args.config), *sets]
         if args.workers is not None:
@@ -669,7 +690,13 @@ def register(subparsers) -> None:
     r.add_argument("--working-dir", type=Path, default=Path("."), help="uploaded with the job")
     r.add_argument("--tune", type=Path, default=None, help="run `bihm tune` on this sweep file")
     r.add_argument("--workers", type=int, default=None, help="train on N Ray Train workers")
-    r.add_argument("--gpus-per-worker", type=float, default=None)
-    r.add_argument("--cpus-per-worker", type=float, default=None)
+    r.add_argument(
+        "--workers-per-trial",
+        type=int,
+        default=None,
+        help="--tune: each trial a Ray Train run of N workers (DDP processes)",
+    )
+    r.add_argument("--gpus-per-worker", type=float, default=None, help="of --workers, or per trial")
+    r.add_argument("--cpus-per-worker", type=float, default=None, help="of --workers, or per trial")
     r.add_argument("--no-wait", action="store_true", help="submit and return at once")
     r.set_defaults(func=submit_ray)

@@ -296,6 +296,22 @@ def test_submit_ray_entrypoint_and_runtime_env(config, tmp_path):
         "python -m pipeline.cli train --config tiny.yaml --set train.K=3 "
         "--launcher ray --address auto --workers 2 --cpus-per-worker 1"
     )
+    # A sweep of multi-worker trials: bihm tune's own flags, checked by bihm tune against
+    # the cluster's resources.
+    (tmp_path / "sweep.yaml").write_text("base: tiny.yaml\n")
+    sweep = dict(vars(args), tune=tmp_path / "sweep.yaml", workers=None, workers_per_trial=2)
+    assert submit.ray_entrypoint(argparse.Namespace(**sweep), tmp_path) == (
+        "python -m pipeline.cli tune --config sweep.yaml --set train.K=3 --address auto "
+        "--workers-per-trial 2 --cpus-per-worker 1"
+    )
+    for change, flag in (
+        ({"workers": 2}, "--workers: "),
+        ({"workers_per_trial": None}, "--cpus-per-worker: "),  # per-worker, without workers
+        ({"workers_per_trial": 0}, "--workers-per-trial: must be >= 1"),
+        ({"tune": None}, "--workers-per-trial: only with --tune"),
+    ):
+        with pytest.raises(submit.SubmitError, match=flag):
+            submit.ray_entrypoint(argparse.Namespace(**{**sweep, **change}), tmp_path)
     env = submit.ray_runtime_env(tmp_path)
     assert env["working_dir"] == str(tmp_path) and "runs" in env["excludes"]
     assert {Path(m).name for m in env["py_modules"]} >= {"bihm", "pipeline", "data_shards"}
