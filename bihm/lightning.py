@@ -387,6 +387,8 @@ class BiHMModule(ev.Collectives, pl.LightningModule):
                     }
                 )
         self.epoch_metrics = m
-        self._log_dict(
-            {k: val for k, val in m.items() if k != "epoch"}, prog_bar=("val/log_ptilde_star",)
-        )
+        # "val/epoch" says which epoch the logged validation metrics belong to: a report sent
+        # at every epoch's end (Ray Train's) repeats them between validations
+        # (validation.every_n_epochs > 1).
+        logged = {k: val for k, val in m.items() if k != "epoch"}
+        self._log_dict({**logged, "val/epoch": m["epoch"]}, prog_bar=("val/log_ptilde_star",))

@@ -646,6 +646,13 @@ class TrialWorkerCallback(Callback):
         pl_module.log("final", float(final), logger=False, sync_dist=True, reduce_fx="max")
 
 
+def validated_this_epoch(metrics: dict[str, Any]) -> bool:
+    """Whether a Ray Train report (one at every epoch's end, its "epoch" the epoch just
+    trained) carries that epoch's validation: between validations (validation.every_n_epochs
+    > 1) it repeats the last one's metrics, under "val/epoch" of that older epoch."""
+    return "val/epoch" in metrics and metrics["val/epoch"] == metrics.get("epoch")
+
+
 def tune_result(metrics: dict[str, Any]) -> dict[str, Any]:
     """What Tune gets from a Ray Train report of rank 0: every metric of METRICS (NaN when
     Lightning logged none, i.e. a non-finite value: Tune fails a trial whose result lacks
@@ -778,6 +785,8 @@ def run_ray_trial(
                 if finished:
                     break
                 continue
+            if not validated_this_epoch(metrics):
+                continue  # an old validation's metrics: Tune would take them for this epoch's
             if folder is None:
                 tune.report(tune_result(metrics))
                 continue

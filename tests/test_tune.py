@@ -327,6 +327,37 @@ def local_ray():
     ray.shutdown()
 
 
+def test_reports_between_validations_are_told_apart(shards, tmp_path):
+    """Ray Train reports trainer.callback_metrics at every epoch's end; with validation every
+    2nd epoch, the reports of epochs 0 and 2 repeat older (or no) validation metrics, and
+    a multi-worker trial keeps only those of the validated epochs 1 and 3 for Tune."""
+    from pytorch_lightning.callbacks import Callback
+
+    from pipeline.train import run_training
+    from pipeline.tune import validated_this_epoch
+
+    class LikeRayTrain(Callback):  # what RayTrainReportCallback sends
+        def __init__(self) -> None:
+            self.reports: list[dict] = []
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            metrics = {k: v.item() for k, v in trainer.callback_metrics.items()}
+            self.reports.append({**metrics, "epoch": trainer.current_epoch})
+
+    raw = tiny_config(shards, tmp_path / "run", train={"max_epochs": 4})
+    raw["validation"].update(every_n_epochs=2)
+    raw["validation"]["gibbs"]["every_n_epochs"] = 0
+    raw["samples"]["every_n_epochs"] = 0
+    raw["data"].update(train_limit=300, valid_limit=64)
+    ray = LikeRayTrain()
+    run_training(config_from_dict(raw), extra_callbacks=[ray])
+    kept = [r for r in ray.reports if validated_this_epoch(r)]
+    assert [r["epoch"] for r in ray.reports] == [0, 1, 2, 3]
+    assert [r["epoch"] for r in kept] == [1, 3]
+    assert kept[0]["val/log_pstar"] != kept[1]["val/log_pstar"]
+    assert ray.reports[2]["val/log_pstar"] == kept[0]["val/log_pstar"]  # epoch 1's again
+
+
 @pytest.mark.slow
 def test_smoke_sweep_with_asha_writes_outputs_and_best_yaml_trains(shards, tmp_path):
     """configs/sweep_smoke.yaml on generated shards: 4 trials under ASHA, 2 at a time."""
