@@ -108,6 +108,10 @@ def test_step_modes_times_each_mode_and_leaves_the_process_eager(capsys):
     out = capsys.readouterr().out
     assert out.count("ms/step") == 2 and out.startswith("eager") and "\nstreams" in out
     assert not rng.counter_based()
+    # --profile: the profiler's table of the mode's ops, the matmuls among them
+    assert step_modes.main(["eager", "--steps", "2", "--profile"]) == 0
+    out = capsys.readouterr().out
+    assert "eager: 20 steps by self CPU time" in out and "aten::addmm" in out
     with pytest.raises(SystemExit):
         step_modes.main(["fast"])
     assert "unknown mode 'fast'" in capsys.readouterr().err
