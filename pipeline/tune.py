@@ -997,7 +997,7 @@ def records_from_runs(sweep: Sweep, sweep_dir: Path) -> list[TrialRecord]:
     read from the folders themselves rather than from Tune's state: so that a trial continued
     after the sweep with `bihm train --resume` counts with all its epochs, and a study whose
     trials ran as plain `bihm train` runs of the sweep's configs can be summarised as a sweep.
-    A trial is `completed` once it has the sweep's epochs, else `unfinished`."""
+    A trial is `completed` once it has trained the sweep's epochs, else `unfinished`."""
     from pipeline.compare import read_metric
 
     trials = sweep_dir / TRIALS_DIR
@@ -1019,7 +1019,8 @@ def records_from_runs(sweep: Sweep, sweep_dir: Path) -> list[TrialRecord]:
         # A resumed run may redo the epoch its checkpoint was written in: the later row counts.
         by_epoch = dict(zip(*read_metric(run, sweep.spec.metric), strict=True))
         epochs = sorted(by_epoch)
-        status = "completed" if len(epochs) >= sweep.max_epochs else "unfinished"
+        # Its last epoch, not its count: a run validated every n-th epoch has a row for each.
+        status = "completed" if epochs and epochs[-1] + 1 >= sweep.max_epochs else "unfinished"
         records.append(TrialRecord(run.name, status, params, epochs, [by_epoch[e] for e in epochs]))
     return records
 
