@@ -965,24 +965,41 @@ def _validated(data: dict[str, Any]) -> dict[str, Any]:
     return config_from_dict(data).to_dict()
 
 
-def _trial_params(sweep: Sweep, config: dict[str, Any], where: Path) -> dict[str, Any]:
-    """The searched values a trial ran with, read back from its config.yaml: a continuous or
-    plain key's value as it is; for a bundle or choice, the option whose settings the config
-    holds on every key that any option of that param sets (so the empty recipe {} of a grid
-    is told apart from the ones that add a key)."""
-    params: dict[str, Any] = {}
+def _option_settings(sweep: Sweep) -> dict[str, tuple[list[str], list[tuple[Any, list]]]]:
+    """For each grid or choice search key: the config keys that any of its options sets, and
+    each option with the values the validated config holds there. Made once per sweep."""
+    out = {}
     for p in sweep.params:
         if p.kind not in ("grid", "choice"):
-            params[p.key] = _dotted(config, p.key)
             continue
         options = [v if p.key == BUNDLE_KEY else {p.key: v} for v in p.values]
         keys = sorted({k for option in options for k in option})
-        held = [_dotted(config, k) for k in keys]
-        match = [
-            v
+        held = [
+            (v, [_dotted(_validated(apply_params(sweep.base, option)), k) for k in keys])
             for v, option in zip(p.values, options, strict=True)
-            if [_dotted(_validated(apply_params(sweep.base, option)), k) for k in keys] == held
         ]
+        out[p.key] = (keys, held)
+    return out
+
+
+def _trial_params(
+    sweep: Sweep,
+    settings: dict[str, tuple[list[str], list[tuple[Any, list]]]],
+    config: dict[str, Any],
+    where: Path,
+) -> dict[str, Any]:
+    """The searched values a trial ran with, read back from its config.yaml: a continuous or
+    plain key's value as it is; for a bundle or choice, the option whose settings the config
+    holds on every key that any option of that param sets (`_option_settings`: so the empty
+    recipe {} of a grid is told apart from the ones that add a key)."""
+    params: dict[str, Any] = {}
+    for p in sweep.params:
+        if p.key not in settings:
+            params[p.key] = _dotted(config, p.key)
+            continue
+        keys, options = settings[p.key]
+        held = [_dotted(config, k) for k in keys]
+        match = [v for v, values in options if values == held]
         if len(match) != 1:
             raise ConfigError(
                 f"{where}: its config matches {len(match)} of the values of search key "
@@ -1008,6 +1025,7 @@ def records_from_runs(sweep: Sweep, sweep_dir: Path) -> list[TrialRecord]:
     )
     if not runs:
         raise ConfigError(f"{trials}: no trial folders (with a metrics.csv) to collect")
+    settings = _option_settings(sweep)
     records = []
     for run in runs:
         config_path = run / "config.yaml"
@@ -1015,7 +1033,7 @@ def records_from_runs(sweep: Sweep, sweep_dir: Path) -> list[TrialRecord]:
             config = _validated(yaml.safe_load(config_path.read_text()))
         except (OSError, yaml.YAMLError, ConfigError) as err:
             raise ConfigError(f"{config_path}: cannot read the trial's config ({err})") from None
-        params = _trial_params(sweep, config, config_path)
+        params = _trial_params(sweep, settings, config, config_path)
         # A resumed run may redo the epoch its checkpoint was written in: the later row counts.
         by_epoch = dict(zip(*read_metric(run, sweep.spec.metric), strict=True))
         epochs = sorted(by_epoch)
