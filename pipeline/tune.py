@@ -33,7 +33,7 @@ of the trials before it. Optuna's categories are plain values, so a choice of li
 bundles is searched as the choice of their JSON texts, decoded in the trial.
 
 Sweep folder `runs/<name>/`:
-    results.csv        one row per trial: status, searched values, epochs, final/best metric
+    results.csv        one row per trial: status, searched values, epochs trained, final/best metric
     best.yaml          the best trial's full config, ready for `bihm train --config`
     trials.png         the metric against the epoch for every trial
     trials/<id>/       each trial's run folder (config.yaml, metrics.csv, checkpoints/, ...)
@@ -862,6 +862,12 @@ class TrialRecord:
     """The metric at each reported epoch."""
     error: str = ""
 
+    @property
+    def epochs_trained(self) -> int:
+        """Epochs trained through the last report: its epoch + 1. Not the count of reports,
+        which is smaller when validation runs every n-th epoch only."""
+        return self.epochs[-1] + 1 if self.epochs else 0
+
     def best(self, mode: str) -> tuple[float, int] | None:
         """(best metric, its epoch) over the reported epochs; None without a finite value."""
         pairs = [(v, e) for v, e in zip(self.values, self.epochs, strict=True) if math.isfinite(v)]
@@ -901,7 +907,7 @@ def write_results(
         writer.writerow(
             [r.trial_id, r.status]
             + [_csv_value(r.params.get(k, "")) for k in keys]
-            + [len(r.epochs), "" if final is None else repr(final)]
+            + [r.epochs_trained, "" if final is None else repr(final)]
             + (["", ""] if best is None else [repr(best[0]), best[1]])
             + [f"{TRIALS_DIR}/{r.trial_id}", r.error]
         )

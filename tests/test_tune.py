@@ -295,6 +295,7 @@ def test_collect_summarises_a_sweep_from_its_trial_folders(tmp_path, capsys):
     assert got["plain"]["status"] == "completed" and got["plain"]["epochs"] == "3"
     assert got["l2"]["epochs"] == "2" and got["l2"]["final_val/log_pstar"] == "-180.0"
     assert got["both"]["status"] == "unfinished" and got["every2"]["status"] == "completed"
+    assert got["every2"]["epochs"] == "2"  # epochs trained, not validations
     assert got["plain"]["best_val/log_pstar"] == "-140.0"
     assert (out / "trials.png").stat().st_size > 0
 
