@@ -383,16 +383,20 @@ class Compile(Callback):
 
     def __init__(self, setting: bool | str, cuda_graphs: bool = True) -> None:
         self.setting, self.cuda_graphs = setting, cuda_graphs
-        self._reported: set[str] = set()
+        self._seen: dict[str, float] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         seconds = compiled.enable(self.setting, pl_module.device, self.cuda_graphs)
+        # compiled.seconds() counts the whole process: a Trainer before this one (bench,
+        # a Tune trial's retry) may have compiled already, and that is not this run's cost.
+        self._seen = compiled.seconds()
         if seconds is not None:
             report_compile({"the random streams": seconds}, trainer.is_global_zero)
 
     def _report_new(self, trainer: pl.Trainer) -> None:
-        new = {k: v for k, v in compiled.seconds().items() if k not in self._reported}
-        self._reported.update(new)
+        now = compiled.seconds()
+        new = {k: v - self._seen.get(k, 0.0) for k, v in now.items() if v != self._seen.get(k)}
+        self._seen = now
         report_compile(new, trainer.is_global_zero)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
