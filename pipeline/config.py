@@ -127,7 +127,7 @@ class TrainConfig:
     """Epochs without improvement of the validation log p~* (log p for RWS) before
     stopping; null = never. The best checkpoint is chosen by the same metric. Counted in
     validations, ceil(patience / validation.every_n_epochs) of them, and taken from the
-    config on --resume (not from the checkpoint)."""
+    config on --resume (not from the checkpoint); the wait so far carries over in epochs."""
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     """auto: a GPU where torch sees one, else the CPU."""
     devices: int = 1

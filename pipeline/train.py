@@ -268,22 +268,37 @@ class MetricsCSV(Callback):
 
 
 class ConfiguredEarlyStopping(EarlyStopping):
-    """Lightning's EarlyStopping, with the patience of the config on --resume.
+    """Lightning's EarlyStopping, counting `patience_epochs` in epochs when validation runs
+    every `every_n_epochs`-th epoch (ceil(patience_epochs / every_n_epochs) validations),
+    with the config's patience and cadence on --resume.
 
     Lightning restores the patience saved in the checkpoint, so `--resume --set
     train.early_stopping_patience=20` would keep the old one without a word. The wait count
     and the best score still come from the checkpoint, under Lightning's own state key, so
-    that checkpoints written by plain EarlyStopping resume with them.
+    that checkpoints written by plain EarlyStopping resume with them. The wait count is in
+    validations, so it is saved with its cadence and carried over in epochs where --resume
+    changes `validation.every_n_epochs` (rounded down to whole validations: 4 epochs waited
+    at cadence 1 are 2 validations at cadence 2, not 4). A checkpoint without the cadence
+    counts as being of the current one.
     """
+
+    def __init__(self, *, patience_epochs: int, every_n_epochs: int, **kwargs: Any) -> None:
+        super().__init__(patience=math.ceil(patience_epochs / every_n_epochs), **kwargs)
+        self.every_n_epochs = every_n_epochs
 
     @property
     def state_key(self) -> str:
         return f"EarlyStopping{dict(monitor=self.monitor, mode=self.mode)!r}"
 
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "every_n_epochs": self.every_n_epochs}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         patience = self.patience
         super().load_state_dict(state_dict)
         self.patience = patience
+        saved_every = state_dict.get("every_n_epochs", self.every_n_epochs)
+        self.wait_count = self.wait_count * saved_every // self.every_n_epochs
 
 
 class SamplesCallback(Callback):
@@ -581,12 +596,12 @@ def build_callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
         MetricsCSV(run_dir),
     ]
     if cfg.train.early_stopping_patience is not None:
-        every = cfg.validation.every_n_epochs
         callbacks.append(
             ConfiguredEarlyStopping(
+                patience_epochs=cfg.train.early_stopping_patience,
+                every_n_epochs=cfg.validation.every_n_epochs,
                 monitor=monitor_metric(cfg),
                 mode="max",
-                patience=math.ceil(cfg.train.early_stopping_patience / every),
                 check_on_train_epoch_end=False,
                 verbose=True,
             )

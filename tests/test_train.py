@@ -327,6 +327,20 @@ def test_a_patience_changed_on_resume_takes_effect(shards, tmp_path):
     assert result["epochs"] == 3
 
 
+def test_a_cadence_changed_on_resume_carries_the_wait_over_in_epochs(shards, tmp_path):
+    """5 epochs validated every epoch wait 4 epochs since the best (epoch 0); --resume at
+    every 2nd epoch with a patience of 10 epochs (5 validations) has waited 2 validations,
+    and stops at epoch 9. Carried over as 4 validations, it would stop at epoch 5."""
+    run_dir = tmp_path / "run"
+    cfg = _frozen_config(shards, run_dir, max_epochs=5, early_stopping_patience=20)
+    run_training(config_from_dict(cfg))
+    cfg["train"].update(max_epochs=20, early_stopping_patience=10)
+    cfg["validation"]["every_n_epochs"] = 2
+    result = run_training(config_from_dict(cfg), resume=True)
+    assert [int(r["epoch"]) for r in read_metrics(run_dir)] == [0, 1, 2, 3, 4, 5, 7, 9]
+    assert result["epochs"] == 10
+
+
 def test_time_limit_stops_on_a_finished_validated_epoch(shards, tmp_path):
     """train.max_time_s is checked at epoch ends: a limit that has passed after the first
     step still lets epoch 0 finish, validate and checkpoint, then stops (not mid-epoch)."""
