@@ -198,6 +198,20 @@ def _prepared_siblings(folder: Path, limit: int = 3) -> list[str]:
 
 
 # --------------------------------------------------------------------------- callbacks
+def first_epoch_to_run(trainer: pl.Trainer) -> int:
+    """The first epoch a (resumed) fit trains: the current epoch, or the one after it where
+    the checkpoint was written after the epoch's last batch but before the epoch closed.
+    A checkpoint written at a validation's end is one: runs that validated every n-th epoch
+    saved last.ckpt there (Lightning's default) until it was saved at the train epoch's end.
+    Resumed from it, that epoch neither trains nor validates again."""
+    epochs, batches = (
+        trainer.fit_loop.epoch_progress.current,
+        trainer.fit_loop.epoch_loop.batch_progress,
+    )
+    trained = epochs.ready > epochs.completed and batches.is_last_batch
+    return trainer.current_epoch + int(trained)
+
+
 class MetricsCSV(Callback):
     """metrics.csv with one row per validated epoch from `BiHMModule.epoch_metrics`, and
     curves.png.
@@ -224,7 +238,7 @@ class MetricsCSV(Callback):
             with open(self.path, newline="") as f:
                 for row in csv.DictReader(f):
                     values = {k: float(v) if v != "" else math.nan for k, v in row.items()}
-                    if values["epoch"] < trainer.current_epoch:
+                    if values["epoch"] < first_epoch_to_run(trainer):
                         self.rows.append(values)
         if trainer.is_global_zero:
             self._write()
@@ -585,11 +599,15 @@ def build_callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
         # last.ckpt, every epoch: --resume continues from the newest epoch. Not save_last on
         # the callback above: Lightning 2.6 writes that one only in epochs that improve the
         # monitored metric. Second, so that trainer.checkpoint_callback is the best one.
+        # At the train epoch's end (after its validation, if any), also when validation
+        # runs every n-th epoch: Lightning would then save at validation ends only, and a
+        # stopped run would redo up to n epochs.
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
             filename="last",
             save_top_k=1,
             enable_version_counter=False,
+            save_on_train_epoch_end=True,
         ),
         # Before MetricsCSV, so that an epoch's val_time_s includes its sample pictures.
         SamplesCallback(run_dir, cfg),

@@ -313,6 +313,44 @@ def test_validation_every_n_epochs_and_patience_in_epochs(shards, tmp_path):
     assert result["epochs"] == 6
 
 
+def _every_2nd_epoch(shards: Path, run_dir: Path, max_epochs: int) -> dict:
+    cfg = _frozen_config(shards, run_dir, max_epochs=max_epochs, early_stopping_patience=None)
+    cfg["validation"]["every_n_epochs"] = 2
+    return cfg
+
+
+def test_validating_every_nth_epoch_still_checkpoints_every_epoch(shards, tmp_path):
+    """last.ckpt is written at every train epoch's end, not only at validations (where
+    Lightning would write it when validation runs every n-th epoch): a run stopped after
+    epoch 2 resumes at epoch 3, and the validated rows 1, 3, 5 stay, one each."""
+    run_dir = tmp_path / "run"
+    cfg = _every_2nd_epoch(shards, run_dir, max_epochs=3)
+    run_training(config_from_dict(cfg))
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (2, 3 * 3)  # 3 steps an epoch
+    cfg["train"]["max_epochs"] = 6
+    assert run_training(config_from_dict(cfg), resume=True)["epochs"] == 6
+    assert [int(r["epoch"]) for r in read_metrics(run_dir)] == [1, 3, 5]
+
+
+def test_a_resume_from_a_checkpoint_written_at_a_validation_end_keeps_its_row(
+    shards, tmp_path, monkeypatch
+):
+    """Checkpoints written at a validation's end (last.ckpt, before it was saved at the
+    train epoch's end) resume after that epoch, which neither trains nor validates again:
+    its metrics.csv row stays (it was dropped, losing epoch 3's row here)."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    run_dir = tmp_path / "run"
+    cfg = _every_2nd_epoch(shards, run_dir, max_epochs=4)
+    with monkeypatch.context() as m:  # as Lightning does by default at this cadence
+        m.setattr(ModelCheckpoint, "_should_save_on_train_epoch_end", lambda self, t: False)
+        run_training(config_from_dict(cfg))
+    cfg["train"]["max_epochs"] = 8
+    run_training(config_from_dict(cfg), resume=True)
+    assert [int(r["epoch"]) for r in read_metrics(run_dir)] == [1, 3, 5, 7]
+
+
 def test_a_patience_changed_on_resume_takes_effect(shards, tmp_path):
     """Lightning restores EarlyStopping's patience from the checkpoint; the config's wins
     here, while the wait count and best score still come from the checkpoint: 2 epochs at
