@@ -144,6 +144,15 @@ def function(fn, name: str):
     return _functions[key]
 
 
+def forget() -> None:
+    """Drop this process's compiled functions and their seconds, as in a fresh process:
+    each function is compiled (or taken from torch's caches) and timed again at its next
+    call. A compiled function serves every model of the process, so a second run in the
+    same process (a resume, a test after another) otherwise reports no compilation."""
+    _functions.clear()
+    _seconds.clear()
+
+
 def seconds() -> dict[str, float]:
     """Seconds of the first call of each compiled function (mostly compilation), by name."""
     return dict(_seconds)
