@@ -235,10 +235,11 @@ class MetricsCSV(Callback):
         self._train_start = time.time()
         self.rows = []
         if self.path.is_file():
+            first = first_epoch_to_run(trainer)
             with open(self.path, newline="") as f:
                 for row in csv.DictReader(f):
                     values = {k: float(v) if v != "" else math.nan for k, v in row.items()}
-                    if values["epoch"] < first_epoch_to_run(trainer):
+                    if values["epoch"] < first:
                         self.rows.append(values)
         if trainer.is_global_zero:
             self._write()
