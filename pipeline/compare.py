@@ -3,7 +3,8 @@
 For continuations from a common checkpoint (a larger K, a lower learning rate, ...): each
 run folder (or results/ folder) holding a metrics.csv becomes one line of the plot, and
 the table gives each run's value at the last epoch that all of them reached, so that the
-candidates are compared at equal epochs.
+candidates are compared at equal epochs. `--label` names the lines (by default the
+folders' names), for example to say that a run was validated on other images.
 """
 
 from __future__ import annotations
@@ -37,11 +38,21 @@ def read_metric(run: Path, metric: str, from_epoch: int = 0) -> tuple[list[int],
 
 
 def compare(
-    runs: list[Path], metric: str, from_epoch: int = 0, out: Path | None = None
+    runs: list[Path],
+    metric: str,
+    from_epoch: int = 0,
+    out: Path | None = None,
+    labels: list[str] | None = None,
 ) -> list[tuple[str, int, float]]:
     """Each run's value of `metric` at the last epoch common to all runs, as
-    [(label, epoch, value)]; with `out`, also the plot of every run's curve."""
-    curves = [(run.name, *read_metric(run, metric, from_epoch)) for run in runs]
+    [(label, epoch, value)]; with `out`, also the plot of every run's curve. `labels`, one
+    per run in order, replace the folders' names."""
+    if labels and len(labels) != len(runs):
+        raise UserError(f"--label: {len(labels)} labels for {len(runs)} runs (give one per run)")
+    names = labels or [run.name for run in runs]
+    curves = [
+        (name, *read_metric(run, metric, from_epoch)) for name, run in zip(names, runs, strict=True)
+    ]
     common = set.intersection(*(set(epochs) for _, epochs, _ in curves))
     if not common:
         raise UserError(f"the runs share no epoch with {metric} from epoch {from_epoch} on")
@@ -55,7 +66,7 @@ def compare(
 
 
 def _compare(args: argparse.Namespace) -> int:
-    table = compare(args.runs, args.metric, args.from_epoch, args.out)
+    table = compare(args.runs, args.metric, args.from_epoch, args.out, args.label)
     width = max(len(label) for label, _, _ in table)
     for label, epoch, value in table:
         print(f"{label:<{width}}  epoch {epoch}  {args.metric} {value:.3f}")
@@ -70,4 +81,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--metric", default="val/log_pstar", help="a column of metrics.csv")
     p.add_argument("--from-epoch", type=non_negative_int, default=0, help="first epoch shown")
     p.add_argument("--out", type=Path, help="write the plot here (PNG)")
+    p.add_argument(
+        "--label",
+        action="append",
+        help="a run's name in the table and legend, one per run in order (repeatable)",
+    )
     p.set_defaults(func=_compare)

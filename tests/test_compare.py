@@ -28,12 +28,22 @@ def test_compare_uses_the_last_common_epoch_and_plots(tmp_path, capsys):
     assert out.stat().st_size > 0
 
 
+def test_compare_labels_name_the_runs_in_order(tmp_path, capsys):
+    a = _run(tmp_path / "base", {4: "-89.5"})
+    b = _run(tmp_path / "l1", {4: "-89.2"})
+    assert main(["compare", str(a), str(b), "--label", "earlier run", "--label", "L1 1e-5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("earlier run ") and lines[0].split()[-1] == "-89.500"
+    assert lines[1].startswith("L1 1e-5 ") and lines[1].split()[-1] == "-89.200"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["missing"], "no metrics.csv"),
         (["base", "--metric", "val/nope"], "no column 'val/nope'"),
         (["base", "--from-epoch", "9"], "share no epoch"),
+        (["base", "--label", "a", "--label", "b"], "--label: 2 labels for 1 runs"),
     ],
 )
 def test_compare_bad_input_is_one_line(tmp_path, capsys, monkeypatch, args, message):
